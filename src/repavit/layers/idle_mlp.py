@@ -1,0 +1,261 @@
+"""The channel-idle FFN (training form) and its reparameterized inference form.
+
+Training form (RePaViT, ICML 2025, arXiv 2505.21847, Eq. 2), tokens ``x`` of shape ``(..., C)``::
+
+    u = BN1(x)                      # statistics over all tokens of the batch
+    z = fc1(u)                      # C -> h
+    z[..., :a] = GELU(z[..., :a])   # the other h - a channels idle (identity)
+    y = fc2(BN2(z))                 # h -> C
+    out = x + drop_path(y)          # the FFN owns its residual
+
+Inference form (after :meth:`ChannelIdleMlp.fuse`)::
+
+    out = x W_lin^T + b_lin + GELU(x W_act^T + b_act) W_out^T
+
+computed as one GEMM for ``[W_lin; W_act]`` followed by one ``addmm`` that accumulates the
+activated branch straight into the linear branch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
+
+FEATURE_NORMS = ("BatchNorm", "LayerNorm")
+HEURISTICS = ("static", "linear")
+# The authors' code treats these the same as "static".
+_STATIC_ALIASES = ("none", "")
+
+
+def check_idle_ratio(idle_ratio: float) -> float:
+    if isinstance(idle_ratio, bool) or not isinstance(idle_ratio, (int, float)) or not 0.0 <= idle_ratio <= 1.0:
+        raise ValueError(f"idle_ratio must be a number in [0, 1], got {idle_ratio!r}")
+    return float(idle_ratio)
+
+
+def check_feature_norm(feature_norm: str) -> str:
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"unknown feature_norm {feature_norm!r}; expected one of {', '.join(FEATURE_NORMS)}")
+    return feature_norm
+
+
+def active_channels(hidden_dim: int, idle_ratio: float, rounding: str = "ceil") -> int:
+    """Number of activated hidden channels ``a``.
+
+    ``ceil(h * (1 - idle_ratio))`` for ViT, Swin and MLP-Mixer; PoolFormer uses ``int(...)``
+    (``rounding="floor"``). Computed in float64 exactly like the reference (``math.ceil``).
+    """
+    idle_ratio = check_idle_ratio(idle_ratio)
+    value = hidden_dim * (1.0 - idle_ratio)
+    if rounding == "ceil":
+        return int(math.ceil(value))
+    if rounding == "floor":
+        return int(value)
+    raise ValueError(f"unknown rounding {rounding!r}; expected 'ceil' or 'floor'")
+
+
+def idle_ratios_for_depth(idle_ratio: float, depth: int, heuristic: str = "static") -> list[float]:
+    """Per-block idle ratios.
+
+    ``"static"``: ``idle_ratio`` in every block. ``"linear"``: rises linearly from
+    ``(2r - 1) + (2 - 2r) / (depth - 1)`` to 1.0 at block ``depth - 2``; the last block is fully
+    activated (ratio 0). Values below 0 (``r < 0.5``) are clamped to 0.
+    """
+    r = check_idle_ratio(idle_ratio)
+    if heuristic in _STATIC_ALIASES:
+        heuristic = "static"
+    if heuristic not in HEURISTICS:
+        raise ValueError(f"unknown heuristic {heuristic!r}; expected one of {', '.join(HEURISTICS)}")
+    if heuristic == "static" or depth == 1:
+        return [r] * depth
+    ratios = [(2 * r - 1) + (2 - 2 * r) / (depth - 1) * (i + 1) for i in range(depth - 1)] + [0.0]
+    return [min(max(v, 0.0), 1.0) for v in ratios]
+
+
+class ChannelIdleMlp(nn.Module):
+    """Channel-idle FFN in its training form, with its residual connection.
+
+    Args:
+        dim: input/output channels ``C``.
+        hidden_dim: hidden channels ``h``.
+        idle_ratio: share of hidden channels that skip the activation.
+        channel_idle: if False, every hidden channel is activated (plain FFN).
+        feature_norm: ``"BatchNorm"`` (reparameterizable) or ``"LayerNorm"`` (pre-LN FFN, no BN2).
+        drop_path: stochastic depth rate on the FFN branch.
+        rounding: ``"ceil"`` or ``"floor"`` for the number of active channels.
+        act_layer: activation module class (exact GELU by default).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        idle_ratio: float = 0.75,
+        channel_idle: bool = True,
+        feature_norm: str = "BatchNorm",
+        drop_path: float = 0.0,
+        rounding: str = "ceil",
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_feature_norm(feature_norm)
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.feature_norm = feature_norm
+        self.idle_ratio = check_idle_ratio(idle_ratio) if channel_idle else 0.0
+        self.act_dim = active_channels(hidden_dim, self.idle_ratio, rounding) if channel_idle else hidden_dim
+        # Registration order follows the authors' state_dict order (fc1, fc2, norm1, norm2).
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        if feature_norm == "BatchNorm":
+            self.norm1: nn.Module = nn.BatchNorm1d(dim)
+            self.norm2: nn.Module = nn.BatchNorm1d(hidden_dim)
+        else:
+            self.norm1 = nn.LayerNorm(dim)
+            self.norm2 = nn.Identity()
+        self.act = act_layer()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"act_dim={self.act_dim}/{self.hidden_dim}, feature_norm={self.feature_norm}"
+
+    def _partial_act(self, z: Tensor) -> Tensor:
+        a, h = self.act_dim, self.hidden_dim
+        if a == h:
+            return self.act(z)
+        if a == 0:
+            return z
+        # GELU only where it applies; no mask, no activation computed on idle channels.
+        return torch.cat((self.act(z[:, :a]), z[:, a:]), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        # BatchNorm1d on (B*N, C) is BatchNorm1d on (B, C, N) without the transposes: same
+        # per-channel statistics over every token, same running-stat update.
+        u = self.norm1(x.reshape(-1, self.dim))  # (B*N, C)
+        z = self._partial_act(self.fc1(u))  # (B*N, h)
+        y = self.fc2(self.norm2(z)).reshape(shape)  # (B, N, C)
+        return x + self.drop_path(y)
+
+    # ---- reparameterization -------------------------------------------------------------
+    def fold(self, layer_scale: Tensor | None = None) -> FoldedIdleFFN:
+        """Fold BN1, BN2, the idle path and the residual (float64). Uses running statistics."""
+        if self.feature_norm != "BatchNorm":
+            raise ValueError(
+                "cannot reparameterize an FFN with feature_norm='LayerNorm': LayerNorm normalizes each token "
+                "by its own statistics, which no fixed matrix can absorb; build and train the model with "
+                "feature_norm='BatchNorm'"
+            )
+        return fold_idle_ffn(
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            BNStats.from_module(self.norm1),
+            BNStats.from_module(self.norm2),
+            self.act_dim,
+            layer_scale=layer_scale,
+        )
+
+    @torch.no_grad()
+    def fuse(self) -> FusedIdleMlp:
+        """Return the equivalent inference module (timm's ``fuse()`` protocol)."""
+        fused = FusedIdleMlp(self.dim, self.act_dim, has_linear=self.act_dim < self.hidden_dim)
+        fused.load_folded(self.fold(), dtype=self.fc1.weight.dtype, device=self.fc1.weight.device)
+        return fused
+
+
+class FusedIdleMlp(nn.Module):
+    """Reparameterized channel-idle FFN, residual included. Inference only.
+
+    Parameters (our deploy layout):
+        ``in_proj``: ``Linear(C, C + a)`` whose first ``C`` rows are ``W_lin`` (idle path plus
+            identity) and last ``a`` rows ``W_act``; ``Linear(C, a)`` when nothing idles
+            (``has_linear=False``), ``Linear(C, C)`` when everything idles (``a == 0``).
+        ``out_proj``: ``Linear(a, C)``; without bias unless ``has_linear=False`` (then it carries
+            the output bias and the residual stays an identity add). Absent when ``a == 0``.
+    """
+
+    def __init__(self, dim: int, act_dim: int, has_linear: bool = True) -> None:
+        super().__init__()
+        if act_dim == 0 and not has_linear:
+            raise ValueError("a fused FFN needs a linear branch when no channel is activated")
+        self.dim, self.act_dim, self.has_linear = dim, act_dim, has_linear
+        lin_dim = dim if has_linear else 0
+        self.in_proj = nn.Linear(dim, lin_dim + act_dim)
+        self.out_proj = nn.Linear(act_dim, dim, bias=not has_linear) if act_dim > 0 else None
+        self.act = nn.GELU()
+        self.training = False
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, act_dim={self.act_dim}, has_linear={self.has_linear}"
+
+    def train(self, mode: bool = True) -> FusedIdleMlp:
+        if mode:
+            raise RuntimeError(
+                "this FFN is reparameterized (inference only) and cannot be trained; train the training-form "
+                "model and reparameterize it afterwards"
+            )
+        return super().train(False)
+
+    @torch.no_grad()
+    def load_folded(self, folded: FoldedIdleFFN, dtype: torch.dtype | None = None, device=None) -> None:
+        """Copy folded float64 matrices into this module's parameters."""
+        f = folded.to(dtype or self.in_proj.weight.dtype, device or self.in_proj.weight.device)
+        a, c = f.act_dim, self.dim
+        if a != self.act_dim or f.w_act.shape[1] != c:
+            raise ValueError(f"folded FFN has act_dim {a} and dim {f.w_act.shape[1]}, module expects {self.act_dim}, {c}")
+        if (f.w_lin is not None) != self.has_linear:
+            raise ValueError("folded FFN and module disagree on whether a linear (idle) branch exists")
+        self.to(dtype=f.b_lin.dtype, device=f.b_lin.device)
+        if self.has_linear:
+            self.in_proj.weight.copy_(torch.cat((f.w_lin, f.w_act), 0))
+            self.in_proj.bias.copy_(torch.cat((f.b_lin, f.b_act), 0))
+        else:
+            self.in_proj.weight.copy_(f.w_act)
+            self.in_proj.bias.copy_(f.b_act)
+            self.out_proj.bias.copy_(f.b_lin)
+        if self.out_proj is not None:
+            self.out_proj.weight.copy_(f.w_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.dim)  # (M, C)
+        t = self.in_proj(x2)  # (M, C + a)
+        if self.act_dim == 0:
+            return t.reshape(shape)
+        if not self.has_linear:
+            return (x2 + self.out_proj(self.act(t))).reshape(shape)
+        lin, pre = t[:, : self.dim], t[:, self.dim :]
+        if isinstance(self.out_proj, nn.Linear):
+            # out = lin + GELU(pre) @ W_out^T in one BLAS call.
+            out = torch.addmm(lin, self.act(pre), self.out_proj.weight.t())
+        else:  # e.g. a dynamically quantized Linear: use the module itself
+            out = lin + self.out_proj(self.act(pre))
+        return out.reshape(shape)
+
+
+def reparameterize_module(module: nn.Module) -> int:
+    """Replace every :class:`ChannelIdleMlp`-like child (anything with ``fuse()``) in place.
+
+    Returns the number of modules fused.
+    """
+    count = 0
+    for name, child in list(module.named_children()):
+        if hasattr(child, "fuse") and callable(child.fuse):
+            setattr(module, name, child.fuse())
+            count += 1
+        else:
+            count += reparameterize_module(child)
+    return count
+
+
+def active_channel_list(hidden_dim: int, ratios: Sequence[float], rounding: str = "ceil") -> list[int]:
+    return [active_channels(hidden_dim, r, rounding) for r in ratios]

@@ -1,0 +1,104 @@
+"""Reading checkpoints safely and loading them into RePa models.
+
+Files are read with ``torch.load(weights_only=True)`` (plus a short allow-list of harmless types,
+e.g. the ``argparse.Namespace`` the authors' training checkpoints pickle under ``args``) or with
+safetensors. Nothing here can execute code from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_logger = logging.getLogger(__name__)
+
+# Types that a weights-only unpickler may rebuild: plain containers of values, nothing callable.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model; the message names the setting that differs."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``.pth``/``.pt``/``.bin`` (weights-only unpickling) or ``.safetensors`` file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"refusing to unpickle {path}: it holds objects beyond tensors and plain values ({first}); "
+            "re-save it as {'model': state_dict} or convert it with `repavit convert`"
+        ) from None
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, Tensor]:
+    """Return the model state dict from a raw state dict or a training checkpoint.
+
+    Accepts ``{"model": sd}``, ``{"model_ema": sd}``, ``{"state_dict": sd}`` or a bare state dict,
+    and strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
+    """
+    sd: Any = checkpoint
+    order = ("model_ema",) + _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS
+    for key in order:
+        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    else:
+        if use_ema:
+            raise CheckpointMismatchError("use_ema=True but the checkpoint has no 'model_ema' entry")
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError("checkpoint holds no state dict of tensors (expected a dict of tensors, or one under 'model')")
+    out = {}
+    for k, v in sd.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p) :]
+        out[k] = v
+    return out
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    strict: bool = True,
+    use_ema: bool = False,
+) -> nn.Module:
+    """Load a checkpoint file or dict into ``model`` (in place), through the model's key filter.
+
+    The authors' layouts (training form and their reparameterized ``fc1/fc2/fc3``) and ours are
+    accepted. A checkpoint for another configuration raises :class:`CheckpointMismatchError`.
+    """
+    raw = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    sd = unwrap_state_dict(raw, use_ema=use_ema)
+    filter_fn = getattr(model, "checkpoint_filter", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd)
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
+                + (" (a different number of classes: pass num_classes to match)" if k.startswith("head.") else "")
+            )
+    result = model.load_state_dict(sd, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        _logger.warning("missing keys %s, unexpected keys %s", result.missing_keys, result.unexpected_keys)
+    return model

@@ -1,0 +1,421 @@
+"""RePaViT: DeiT-style Vision Transformers with channel-idle, reparameterizable FFNs.
+
+Paper: "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization on
+Feedforward Network Layers", Xu et al., ICML 2025, https://arxiv.org/abs/2505.21847
+Original code: https://github.com/Ackesnal/RePaViT (Apache-2.0). This is an independent
+implementation; its state-dict keys equal the authors', so their checkpoints load as they are.
+
+Architecture: patch embedding (16x16 conv, no bias) -> class token -> absolute position
+embedding -> ``norm_pre`` LayerNorm -> blocks -> ``norm`` LayerNorm -> token 0 -> ``head``.
+A block is ``x + drop_path(attn(x))`` (the attention's LayerNorm lives inside ``attn``) followed
+by the channel-idle FFN, which owns its residual.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from functools import partial
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ..layers.attention import PreNormAttention
+from ..layers.idle_mlp import (
+    ChannelIdleMlp,
+    FusedIdleMlp,
+    active_channels,
+    check_feature_norm,
+    check_idle_ratio,
+    idle_ratios_for_depth,
+    reparameterize_module,
+)
+from ._checkpoint import CheckpointMismatchError
+
+__all__ = ["RePaViT", "Block", "checkpoint_filter_fn"]
+
+
+class Block(nn.Module):
+    """``x + drop_path(attn(x))`` then the channel-idle FFN (residual inside the FFN)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        idle_ratio: float = 0.75,
+        channel_idle: bool = True,
+        feature_norm: str = "BatchNorm",
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        reparameterized: bool = False,
+    ) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.attn = PreNormAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        if reparameterized:
+            act_dim = active_channels(hidden, idle_ratio) if channel_idle else hidden
+            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < hidden)
+        else:
+            self.mlp = ChannelIdleMlp(
+                dim,
+                hidden,
+                idle_ratio=idle_ratio,
+                channel_idle=channel_idle,
+                feature_norm=feature_norm,
+                drop_path=drop_path,
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(x))
+        return self.mlp(x)
+
+
+class RePaViT(nn.Module):
+    """Vision Transformer with channel-idle FFNs that fold into three matrices after training.
+
+    Args:
+        img_size: input resolution.
+        patch_size: patch size of the embedding convolution.
+        in_chans: input channels.
+        num_classes: classes of the head (0 for no head).
+        global_pool: ``"token"`` (class token, the authors' choice), ``"avg"`` or ``""``.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        channel_idle: enable the channel-idle mechanism (False: every hidden channel activated).
+        idle_ratio: share of FFN hidden channels that skip GELU, in [0, 1].
+        feature_norm: FFN normalization, ``"BatchNorm"`` (foldable) or ``"LayerNorm"``.
+        heuristic: per-block idle ratios, ``"static"`` (same everywhere) or ``"linear"``.
+        drop_rate: dropout before the head and after attention projections.
+        pos_drop_rate: dropout after the position embedding.
+        attn_drop_rate: attention-probability dropout.
+        drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
+        reparameterized: build the FFNs directly in their fused inference form (to load deploy
+            checkpoints); such a model cannot be trained.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        channel_idle: bool = True,
+        idle_ratio: float = 0.75,
+        feature_norm: str = "BatchNorm",
+        heuristic: str = "static",
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        reparameterized: bool = False,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
+        check_feature_norm(feature_norm)
+        check_idle_ratio(idle_ratio)
+        if reparameterized and feature_norm != "BatchNorm":
+            raise ValueError(
+                "reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form"
+            )
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.channel_idle, self.feature_norm, self.heuristic = channel_idle, feature_norm, heuristic
+        self.idle_ratio = idle_ratio
+        self.idle_ratios = idle_ratios_for_depth(idle_ratio, depth, heuristic) if channel_idle else [0.0] * depth
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, bias=False)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                idle_ratio=self.idle_ratios[i],
+                channel_idle=channel_idle,
+                feature_norm=feature_norm,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                reparameterized=reparameterized,
+            )
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        if reparameterized:
+            self.eval()
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---- timm model API ---------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)  # (B, N, C)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, C)
+        x = self.pos_drop(x + self.pos_embed)
+        x = self.norm_pre(x)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ---- reparameterization ---------------------------------------------------------------
+    @property
+    def reparameterized(self) -> bool:
+        return any(isinstance(m, FusedIdleMlp) for m in self.modules())
+
+    def train(self, mode: bool = True) -> RePaViT:
+        if mode and self.reparameterized:
+            raise RuntimeError(
+                "this model is reparameterized (inference only) and cannot be trained; train the training-form "
+                "model and reparameterize it afterwards"
+            )
+        return super().train(mode)
+
+    @torch.no_grad()
+    def reparameterize(self) -> RePaViT:
+        """Fold every FFN in place (idempotent) and switch to eval mode. Returns ``self``."""
+        if self.feature_norm != "BatchNorm":
+            raise ValueError(
+                "cannot reparameterize a feature_norm='LayerNorm' model: LayerNorm normalizes each token by its "
+                "own statistics, which no fixed matrix can absorb; train with feature_norm='BatchNorm'"
+            )
+        self.eval()
+        reparameterize_module(self)
+        return self
+
+    def checkpoint_filter(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
+
+
+# ---- checkpoint conversion ----------------------------------------------------------------
+_BLOCK_MLP = re.compile(r"^blocks\.(\d+)\.mlp\.(.+)$")
+
+
+def _block_forms(sd: Mapping[str, Tensor]) -> dict[int, str]:
+    """Per block: ``"bn"``, ``"ln"`` (training forms), ``"authors_fused"`` or ``"fused"``."""
+    keys: dict[int, set[str]] = {}
+    for k in sd:
+        m = _BLOCK_MLP.match(k)
+        if m:
+            keys.setdefault(int(m.group(1)), set()).add(m.group(2))
+    forms = {}
+    for i, ks in keys.items():
+        if "in_proj.weight" in ks:
+            forms[i] = "fused"
+        elif "norm1.running_mean" in ks:
+            forms[i] = "bn"
+        elif "norm1.weight" in ks:
+            forms[i] = "ln"
+        else:
+            forms[i] = "authors_fused"
+    return forms
+
+
+def _convert_authors_fused_block(sd: dict[str, Tensor], prefix: str) -> None:
+    """Authors' reparameterized FFN (fc1: C->C linear+identity, fc2: C->a, fc3: a->C) -> ours."""
+    fc1_w, fc1_b = sd.pop(prefix + "fc1.weight"), sd.pop(prefix + "fc1.bias")
+    if prefix + "fc2.weight" not in sd:  # a == 0: one linear map
+        sd[prefix + "in_proj.weight"], sd[prefix + "in_proj.bias"] = fc1_w, fc1_b
+        return
+    fc2_w, fc2_b = sd.pop(prefix + "fc2.weight"), sd.pop(prefix + "fc2.bias")
+    fc3_w = sd.pop(prefix + "fc3.weight")
+    if fc2_w.shape[0] == 4 * fc1_w.shape[0] and torch.equal(fc1_w, torch.eye(fc1_w.shape[0], dtype=fc1_w.dtype)):
+        # nothing idles (a == h): the linear branch is the plain residual
+        sd[prefix + "in_proj.weight"], sd[prefix + "in_proj.bias"] = fc2_w, fc2_b
+        sd[prefix + "out_proj.weight"], sd[prefix + "out_proj.bias"] = fc3_w, fc1_b
+        return
+    sd[prefix + "in_proj.weight"] = torch.cat((fc1_w, fc2_w), 0)
+    sd[prefix + "in_proj.bias"] = torch.cat((fc1_b, fc2_b), 0)
+    sd[prefix + "out_proj.weight"] = fc3_w
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> dict[str, Tensor]:
+    """Map a checkpoint in the authors' layout (or ours) onto ``model``'s keys, checking it fits.
+
+    Handles the authors' training form, their reparameterized form (``mlp.fc1/fc2/fc3``), our
+    fused form, and position embeddings of another grid size (resampled bicubically). Raises
+    :class:`CheckpointMismatchError` naming the first setting that differs.
+    """
+    sd = dict(state_dict)
+    if "cls_token" in sd and sd["cls_token"].shape[-1] != model.embed_dim:
+        raise CheckpointMismatchError(
+            f"checkpoint has embed_dim {sd['cls_token'].shape[-1]}, model {model.embed_dim}: "
+            "it is for another model size"
+        )
+    forms = _block_forms(sd)
+    depth = len(model.blocks)
+    if forms and len(forms) != depth:
+        raise CheckpointMismatchError(f"checkpoint has {len(forms)} blocks, model has {depth}: it is for another model size")
+    kinds = set(forms.values())
+    if model.reparameterized:
+        if "ln" in kinds:
+            raise CheckpointMismatchError("checkpoint has LayerNorm FFNs, which have no fused form; model is reparameterized")
+        if "bn" in kinds:
+            raise CheckpointMismatchError(
+                "checkpoint is in training form but the model is reparameterized: build it with "
+                "reparameterized=False, load, then call reparameterize()"
+            )
+    else:
+        if kinds & {"fused", "authors_fused"}:
+            raise CheckpointMismatchError(
+                "checkpoint is reparameterized but the model is in training form: build it with reparameterized=True"
+            )
+        want = "bn" if model.feature_norm == "BatchNorm" else "ln"
+        got = kinds - {want}
+        if got:
+            names = {"bn": "BatchNorm", "ln": "LayerNorm"}
+            raise CheckpointMismatchError(
+                f"checkpoint has feature_norm={names[got.pop()]} FFNs, model has feature_norm={model.feature_norm}"
+            )
+    for i, form in forms.items():
+        if form == "authors_fused":
+            _convert_authors_fused_block(sd, f"blocks.{i}.mlp.")
+    if model.reparameterized:
+        act_dims = [blk.mlp.act_dim for blk in model.blocks]
+        for i in range(depth):
+            w = sd.get(f"blocks.{i}.mlp.in_proj.weight")
+            if w is None:
+                continue
+            out_w = sd.get(f"blocks.{i}.mlp.out_proj.weight")
+            got_a = 0 if out_w is None else out_w.shape[1]
+            if got_a != act_dims[i]:
+                hidden = 4 * model.embed_dim
+                raise CheckpointMismatchError(
+                    f"block {i} of the checkpoint activates {got_a} of {hidden} hidden channels "
+                    f"(idle_ratio ~{1 - got_a / hidden:.4g}), the model {act_dims[i]} "
+                    f"(idle_ratio {model.idle_ratios[i]:.4g}): set idle_ratio/heuristic/channel_idle to match"
+                )
+    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
+        sd["pos_embed"] = resample_abs_pos_embed(
+            sd["pos_embed"],
+            new_size=model.patch_embed.grid_size,
+            num_prefix_tokens=model.num_prefix_tokens,
+            interpolation="bicubic",
+            antialias=True,
+        )
+    return sd
+
+
+# ---- registry -------------------------------------------------------------------------------
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2505.21847",
+        "paper_name": "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization "
+        "on Feedforward Network Layers",
+        "origin_url": "https://github.com/Ackesnal/RePaViT",
+        **kwargs,
+    }
+
+
+# Model sizes: (embed_dim, depth, num_heads). Shared by both naming schemes.
+ARCHS = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+# The authors' names and the timm-style names, each mapped to a size.
+MODEL_NAMES = {f"RePaViT_{s.capitalize()}": s for s in ARCHS} | {f"repavit_{s}_patch16_224": s for s in ARCHS}
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES})
+
+
+def _create_repavit(variant: str, pretrained: bool = False, **kwargs) -> RePaViT:
+    embed_dim, depth, num_heads = ARCHS[MODEL_NAMES[variant]]
+    model_args = dict(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return build_model_with_cfg(
+        RePaViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **dict(model_args, **kwargs),
+    )
+
+
+def _register(name: str):
+    fn = partial(_create_repavit, name)
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> RePaViT:
+        return fn(pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{name}: RePaViT with embed_dim, depth, heads = {ARCHS[MODEL_NAMES[name]]}."
+    globals()[name] = register_model(entrypoint)
+
+
+for _name in MODEL_NAMES:
+    _register(_name)
