@@ -69,7 +69,11 @@ def fold_bn_before_linear(weight: Tensor, bias: Tensor | None, bn: BNStats) -> t
     ``weight`` is ``(out, in)``; the BatchNorm normalizes the ``in`` channels.
     """
     w = weight.detach().to(torch.float64)
-    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().to(torch.float64)
+    b = (
+        torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        if bias is None
+        else bias.detach().to(torch.float64)
+    )
     s, t = bn.scale_shift()
     return w * s[None, :], w @ t + b
 

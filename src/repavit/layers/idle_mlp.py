@@ -211,7 +211,9 @@ class FusedIdleMlp(nn.Module):
         f = folded.to(dtype or self.in_proj.weight.dtype, device or self.in_proj.weight.device)
         a, c = f.act_dim, self.dim
         if a != self.act_dim or f.w_act.shape[1] != c:
-            raise ValueError(f"folded FFN has act_dim {a} and dim {f.w_act.shape[1]}, module expects {self.act_dim}, {c}")
+            raise ValueError(
+                f"folded FFN has act_dim {a} and dim {f.w_act.shape[1]}, module expects {self.act_dim}, {c}"
+            )
         if (f.w_lin is not None) != self.has_linear:
             raise ValueError("folded FFN and module disagree on whether a linear (idle) branch exists")
         self.to(dtype=f.b_lin.dtype, device=f.b_lin.device)

@@ -127,9 +127,7 @@ class RePaViT(nn.Module):
         check_feature_norm(feature_norm)
         check_idle_ratio(idle_ratio)
         if reparameterized and feature_norm != "BatchNorm":
-            raise ValueError(
-                "reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form"
-            )
+            raise ValueError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -138,30 +136,33 @@ class RePaViT(nn.Module):
         self.idle_ratio = idle_ratio
         self.idle_ratios = idle_ratios_for_depth(idle_ratio, depth, heuristic) if channel_idle else [0.0] * depth
 
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=embed_dim, bias=False)
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, bias=False
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.Sequential(*[
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                idle_ratio=self.idle_ratios[i],
-                channel_idle=channel_idle,
-                feature_norm=feature_norm,
-                proj_drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                reparameterized=reparameterized,
-            )
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    idle_ratio=self.idle_ratios[i],
+                    channel_idle=channel_idle,
+                    feature_norm=feature_norm,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    reparameterized=reparameterized,
+                )
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -305,11 +306,15 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> di
     forms = _block_forms(sd)
     depth = len(model.blocks)
     if forms and len(forms) != depth:
-        raise CheckpointMismatchError(f"checkpoint has {len(forms)} blocks, model has {depth}: it is for another model size")
+        raise CheckpointMismatchError(
+            f"checkpoint has {len(forms)} blocks, model has {depth}: it is for another model size"
+        )
     kinds = set(forms.values())
     if model.reparameterized:
         if "ln" in kinds:
-            raise CheckpointMismatchError("checkpoint has LayerNorm FFNs, which have no fused form; model is reparameterized")
+            raise CheckpointMismatchError(
+                "checkpoint has LayerNorm FFNs, which have no fused form; model is reparameterized"
+            )
         if "bn" in kinds:
             raise CheckpointMismatchError(
                 "checkpoint is in training form but the model is reparameterized: build it with "

@@ -1,0 +1,5 @@
+import sys
+
+from repavit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""The channel-idle FFN, its folding, and its fused inference form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_bn, randomize_params, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from repavit.layers import ChannelIdleMlp, FusedIdleMlp, active_channels, idle_ratios_for_depth
+
+
+class StraightforwardIdleMlp(nn.Module):
+    """The FFN written the obvious (slow) way: transposed BatchNorm1d, GELU everywhere, masked select."""
+
+    def __init__(self, ref: ChannelIdleMlp):
+        super().__init__()
+        self.m = ref
+
+    def forward(self, x):
+        m = self.m
+        u = m.norm1(x.transpose(1, 2)).transpose(1, 2)  # BatchNorm1d over (B, C, N)
+        z = m.fc1(u)
+        mask = torch.zeros_like(z, dtype=torch.bool)
+        mask[..., : m.act_dim] = True
+        z = torch.where(mask, F.gelu(z), z)
+        z = m.norm2(z.transpose(1, 2)).transpose(1, 2)
+        return x + m.fc2(z)
+
+
+@pytest.mark.parametrize(
+    ("idle", "c", "expected"),
+    [(0.25, 192, 576), (0.5, 384, 768), (0.75, 768, 768), (0.75, 1280, 1280), (1.0, 1024, 0), (0.0, 192, 768)],
+)
+def test_active_channels_table(idle, c, expected):
+    assert active_channels(4 * c, idle) == expected
+
+
+def test_active_channels_floor_for_poolformer():
+    assert active_channels(10, 0.75, "ceil") == 3
+    assert active_channels(10, 0.75, "floor") == 2
+
+
+def test_linear_heuristic_matches_formula():
+    ratios = idle_ratios_for_depth(0.75, 12, "linear")
+    assert ratios[-1] == 0.0 and ratios[-2] == pytest.approx(1.0)
+    assert ratios[0] == pytest.approx(0.5 + 0.5 / 11)
+    assert sum(ratios) / 12 == pytest.approx(0.708, abs=1e-3)
+    acts = [active_channels(768, r) for r in ratios]
+    assert acts[0] == 350 and acts[1] == 315 and acts[-3] == 35 and acts[-2] == 0 and acts[-1] == 768
+    assert idle_ratios_for_depth(0.75, 12, "static") == [0.75] * 12
+    assert idle_ratios_for_depth(0.75, 3, "none") == [0.75] * 3
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", None, True])
+def test_bad_idle_ratio(bad):
+    with pytest.raises(ValueError, match="idle_ratio"):
+        ChannelIdleMlp(8, 32, idle_ratio=bad)
+
+
+def test_bad_feature_norm_and_heuristic():
+    with pytest.raises(ValueError, match="feature_norm.*BatchNorm, LayerNorm"):
+        ChannelIdleMlp(8, 32, feature_norm="GroupNorm")
+    with pytest.raises(ValueError, match="heuristic.*static, linear"):
+        idle_ratios_for_depth(0.5, 4, "cubic")
+
+
+@pytest.mark.parametrize("idle", [0.0, 0.3, 0.75, 1.0])
+def test_training_form_equals_straightforward_formulation(idle):
+    """Outputs, gradients and BatchNorm running statistics, in train mode (batch statistics)."""
+    torch.manual_seed(0)
+    ours = ChannelIdleMlp(12, 48, idle_ratio=idle).double()
+    randomize_bn(ours)
+    ref_module = ChannelIdleMlp(12, 48, idle_ratio=idle).double()
+    ref_module.load_state_dict(ours.state_dict())
+    ref = StraightforwardIdleMlp(ref_module)
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    for (na, pa), (_, pb) in zip(ours.named_parameters(), ref_module.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-10, atol=1e-12, msg=na)
+    for (na, ba), (_, bb) in zip(ours.named_buffers(), ref_module.named_buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-12, atol=1e-12, msg=na)
+    ours.eval(), ref_module.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_activation_runs_on_active_channels_only():
+    seen = []
+
+    class Spy(nn.GELU):
+        def forward(self, x):
+            seen.append(x.shape[-1])
+            return super().forward(x)
+
+    m = ChannelIdleMlp(8, 32, idle_ratio=0.75, act_layer=Spy)
+    m(torch.randn(2, 5, 8))
+    assert seen == [8]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    c=st.integers(1, 24),
+    ratio=st.sampled_from([1, 2, 4]),
+    idle=st.one_of(st.sampled_from([0.0, 1.0, 0.75, 0.5]), st.floats(0.0, 1.0)),
+    layer_scale=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_is_exact(c, ratio, idle, layer_scale, seed):
+    """Property: fused == training form (eval), random weights and BN statistics, fp64 and fp32."""
+    torch.manual_seed(seed)
+    h = c * ratio
+    m = ChannelIdleMlp(c, h, idle_ratio=idle)
+    randomize_bn(m, seed)
+    randomize_params(m, seed, std=0.3)
+    m.eval()
+    ls = torch.randn(c) if layer_scale else None
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        md = m.to(dtype)
+        x = torch.randn(4, 3, c, dtype=dtype)
+        with torch.no_grad():
+            if ls is None:
+                ref = md(x)
+                fused = md.fuse()
+            else:  # x + ls * y, folded through the layer_scale argument
+                ref = x + ls.to(dtype) * (md(x) - x)
+                fused = FusedIdleMlp(c, md.act_dim, has_linear=md.act_dim < h)
+                fused.load_folded(md.fold(layer_scale=ls), dtype=dtype)
+            out = fused(x)
+        assert out.dtype == dtype
+        assert rel_err(out, ref) <= tol, (dtype, rel_err(out, ref))
+
+
+def test_fused_edge_cases_structure():
+    all_idle = ChannelIdleMlp(8, 32, idle_ratio=1.0).eval().fuse()
+    assert all_idle.out_proj is None and tuple(all_idle.in_proj.weight.shape) == (8, 8)
+    none_idle = ChannelIdleMlp(8, 32, idle_ratio=0.0).eval().fuse()
+    assert not none_idle.has_linear and tuple(none_idle.in_proj.weight.shape) == (32, 8)
+    plain = ChannelIdleMlp(8, 32, channel_idle=False).eval().fuse()
+    assert plain.act_dim == 32 and not plain.has_linear
+    default = ChannelIdleMlp(8, 32, idle_ratio=0.75).eval().fuse()
+    assert tuple(default.in_proj.weight.shape) == (16, 8) and tuple(default.out_proj.weight.shape) == (8, 8)
+    # 3C^2 multiply-adds instead of 8C^2 (plus biases)
+    n_weights = default.in_proj.weight.numel() + default.out_proj.weight.numel()
+    assert n_weights == 3 * 8 * 8
+
+
+def test_fold_keeps_dtype_and_device():
+    m = ChannelIdleMlp(8, 32).double().eval()
+    f = m.fuse()
+    assert all(p.dtype == torch.float64 for p in f.parameters())
+    m16 = ChannelIdleMlp(8, 32).to(torch.bfloat16).eval()
+    assert all(p.dtype == torch.bfloat16 for p in m16.fuse().parameters())
+
+
+def test_layernorm_ffn_cannot_fold_and_says_why():
+    m = ChannelIdleMlp(8, 32, feature_norm="LayerNorm")
+    with pytest.raises(ValueError, match="LayerNorm.*BatchNorm"):
+        m.fuse()
+
+
+def test_layernorm_form_is_partial_act_without_bn2():
+    m = ChannelIdleMlp(8, 32, idle_ratio=0.75, feature_norm="LayerNorm").eval()
+    x = torch.randn(2, 3, 8)
+    z = m.fc1(F.layer_norm(x, (8,), m.norm1.weight, m.norm1.bias))
+    z = torch.cat((F.gelu(z[..., :8]), z[..., 8:]), -1)
+    torch.testing.assert_close(m(x), x + m.fc2(z))
+
+
+def test_fused_module_refuses_training():
+    f = ChannelIdleMlp(8, 32).eval().fuse()
+    assert not f.training
+    with pytest.raises(RuntimeError, match="reparameterized"):
+        f.train()
+    f.eval()  # eval stays allowed
+
+
+def test_drop_path_only_in_training():
+    m = ChannelIdleMlp(8, 32, drop_path=0.5)
+    x = torch.randn(64, 5, 8)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    y = m(x)
+    # dropped samples are exactly the residual input
+    dropped = (y - x).flatten(1).abs().amax(1) == 0
+    assert 0 < dropped.sum() < 64
+    assert math.isfinite(y.sum().item())
