@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-import repavit  # noqa: F401
+import repavit
 
 
 @torch.no_grad()

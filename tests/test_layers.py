@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn, randomize_params, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from repavit.layers import ChannelIdleMlp, FusedIdleMlp, active_channels, idle_ratios_for_depth
+
+from helpers import randomize_bn, randomize_params, rel_err
 
 
 class StraightforwardIdleMlp(nn.Module):

@@ -168,7 +168,7 @@ def run_benchmark(
         with torch.no_grad():
             ref = variants["train"](x)
             err = ((variants["reparam"](x) - ref).abs().max() / ref.abs().max()).item()
-        fns = {k: (lambda m=m: m(x)) for k, m in variants.items()}
+        fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
         samples = interleaved_throughput(fns, batch_size, rounds, iters, warmup, dev)
         entry = {"reparam_max_rel_err": err, "forms": {}}
         for k, m in variants.items():

@@ -35,7 +35,7 @@ from ..layers.idle_mlp import (
 )
 from ._checkpoint import CheckpointMismatchError
 
-__all__ = ["RePaViT", "Block", "checkpoint_filter_fn"]
+__all__ = ["Block", "RePaViT", "checkpoint_filter_fn"]
 
 
 class Block(nn.Module):
