@@ -56,7 +56,7 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
     and strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
     """
     sd: Any = checkpoint
-    order = ("model_ema",) + _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS
+    order = ("model_ema", *_WRAPPER_KEYS) if use_ema else _WRAPPER_KEYS
     for key in order:
         if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
             sd = sd[key]
