@@ -19,32 +19,21 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..models._factory import reparameterize_model
 
 _logger = logging.getLogger(__name__)
 
 
-def vanilla_counterpart(model: nn.Module, img_size: int = 224) -> nn.Module | None:
-    """timm's plain ViT of the same size as a RePaViT (``deit_*``/``vit_*`` architecture), or None."""
-    from timm.models.vision_transformer import VisionTransformer
+def vanilla_counterpart(model: nn.Module) -> nn.Module | None:
+    """The plain timm model of the same size (``model.vanilla_counterpart()``), or None if it has none."""
+    fn = getattr(model, "vanilla_counterpart", None)
+    return fn() if callable(fn) else None
 
-    from ..models.repavit import RePaViT
 
-    if not isinstance(model, RePaViT):
-        return None
-    blk = model.blocks[0]
-    return VisionTransformer(
-        img_size=img_size,
-        patch_size=model.patch_embed.patch_size[0],
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=blk.attn.num_heads,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        num_classes=model.num_classes,
-    )
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 @torch.no_grad()
@@ -52,7 +41,12 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> flo
     """Multiply-accumulates (G) for one image, from PyTorch's FLOP counter (attention matmuls included)."""
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, img_size, img_size, device=device)
-    with FlopCounterMode(display=False) as counter:
+    # PyTorch's counter knows the CUDA attention kernels but not the CPU one; count it the same way.
+    extra = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        extra[cpu_sdpa] = _sdpa_flops
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9
 
@@ -132,7 +126,7 @@ def build_variants(model_name: str, img_size: int = 224, **model_kwargs) -> dict
     """``vanilla`` (timm counterpart, if any), ``train`` (eval mode) and ``reparam`` forms, same weights."""
     model = timm.create_model(model_name, img_size=img_size, **model_kwargs).eval()
     variants: dict[str, nn.Module] = {}
-    vanilla = vanilla_counterpart(model, img_size)
+    vanilla = vanilla_counterpart(model)
     if vanilla is not None:
         variants["vanilla"] = vanilla.eval()
     variants["train"] = model

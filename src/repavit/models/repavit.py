@@ -144,7 +144,7 @@ class RePaViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=1e-6)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear from 0
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -246,6 +246,21 @@ class RePaViT(nn.Module):
 
     def checkpoint_filter(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return checkpoint_filter_fn(state_dict, self)
+
+    def vanilla_counterpart(self) -> nn.Module:
+        """timm's plain ViT of the same size (the ``deit_*``/``vit_*`` architecture), for benchmarks."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(
+            img_size=self.patch_embed.img_size,
+            patch_size=self.patch_embed.patch_size,
+            embed_dim=self.embed_dim,
+            depth=len(self.blocks),
+            num_heads=self.blocks[0].attn.num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            num_classes=self.num_classes,
+        )
 
 
 # ---- checkpoint conversion ----------------------------------------------------------------
