@@ -56,14 +56,14 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
     and strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
     """
     sd: Any = checkpoint
-    order = ("model_ema", *_WRAPPER_KEYS) if use_ema else _WRAPPER_KEYS
-    for key in order:
+    if use_ema:
+        if not (isinstance(sd, Mapping) and isinstance(sd.get("model_ema"), Mapping)):
+            raise CheckpointMismatchError("use_ema=True but the checkpoint has no 'model_ema' entry")
+        sd = sd["model_ema"]
+    for key in _WRAPPER_KEYS:
         if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
             sd = sd[key]
             break
-    else:
-        if use_ema:
-            raise CheckpointMismatchError("use_ema=True but the checkpoint has no 'model_ema' entry")
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError("checkpoint holds no state dict of tensors (expected a dict of tensors, or one under 'model')")
     out = {}
@@ -98,6 +98,16 @@ def load_checkpoint(
                 f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
                 + (" (a different number of classes: pass num_classes to match)" if k.startswith("head.") else "")
             )
+    if strict:
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            raise CheckpointMismatchError(f"checkpoint keys do not match {type(model).__name__}: {'; '.join(parts)}")
     result = model.load_state_dict(sd, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys):
         _logger.warning("missing keys %s, unexpected keys %s", result.missing_keys, result.unexpected_keys)
