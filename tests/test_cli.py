@@ -37,13 +37,19 @@ def test_console_script_module_runs():
     assert "bench" in out.stdout
 
 
-def test_bench_writes_json_with_ratios(tmp_path, capsys):
-    path = tmp_path / "bench.json"
+def test_bench_writes_json_plot_and_ratios(tmp_path, capsys):
+    path, png = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = main(
         [
             "bench",
             "--models",
             "RePaViT_Tiny",
+            "--forms",
+            "vanilla",
+            "train",
+            "reparam",
+            "reference",
+            "int8",
             "--batch-size",
             "2",
             "--img-size",
@@ -54,18 +60,33 @@ def test_bench_writes_json_with_ratios(tmp_path, capsys):
             "1",
             "--warmup",
             "1",
+            "--train-step",
+            "--train-batch-size",
+            "2",
+            "--breakdown",
+            "--sweep-batches",
+            "1,2",
             "--output",
             str(path),
+            "--plot",
+            str(png),
         ]
     )
     assert rc == 0
     res = json.loads(path.read_text())
     entry = res["models"]["RePaViT_Tiny"]
-    assert set(entry["forms"]) == {"vanilla", "train", "reparam"}
-    assert entry["reparam_max_rel_err"] < 1e-5
+    assert set(entry["forms"]) == {"vanilla", "train", "reparam", "reference", "int8", "int8_identity_folded"}
+    assert entry["reparam_vs_train"]["max_rel_err"] < 1e-5
+    assert entry["forms"]["reference"]["agreement_with_reparam"]["max_rel_err"] < 1e-5
     assert entry["forms"]["reparam"]["params_m"] < entry["forms"]["train"]["params_m"]
-    assert "reparam/vanilla" in entry["ratios"] and res["machine"]["torch"]
-    assert "ratios:" in capsys.readouterr().out
+    assert entry["forms"]["reparam"]["gmacs"] < entry["forms"]["vanilla"]["gmacs"]
+    assert {"reparam/vanilla", "reparam/reference"} <= set(entry["ratios"])
+    assert set(entry["train_step_s"]) == {"vanilla", "train", "masked"}
+    for shares in entry["breakdown"].values():
+        assert abs(sum(shares.values()) - 1) < 1e-6 and shares["ffn"] > 0 and shares["attention"] > 0
+    assert [r["batch_size"] for r in entry["sweep"]] == [1, 2]
+    assert res["machine"]["torch"] and png.stat().st_size > 1000
+    assert "throughput ratios:" in capsys.readouterr().out
 
 
 def test_bench_unknown_model_is_one_line_error(capsys):

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         ref, out = model(x), fused(x)
     err = ((out - ref).abs().max() / ref.abs().max()).item()
-    samples = interleaved_throughput({"train": lambda: model(x), "reparam": lambda: fused(x)}, args.batch_size, 3, 2)
+    with torch.no_grad():
+        samples = interleaved_throughput(
+            {"train": lambda: model(x), "reparam": lambda: fused(x)}, args.batch_size, 3, 2
+        )
     speed = {k: summarize(v)["median"] for k, v in samples.items()}
     report = {
         "model": args.model,

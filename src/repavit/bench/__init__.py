@@ -1,5 +1,6 @@
-"""Benchmarks: throughput of vanilla, training-form and reparameterized models, measured side by side."""
+"""Benchmarks: every form of a model timed side by side in one process (ratios, not absolute numbers)."""
 
-from .throughput import count_gmacs, machine_info, run_benchmark, vanilla_counterpart
+from .suite import run_suite
+from .throughput import count_gmacs, count_params, interleaved_throughput, machine_info, vanilla_counterpart
 
-__all__ = ["count_gmacs", "machine_info", "run_benchmark", "vanilla_counterpart"]
+__all__ = ["count_gmacs", "count_params", "interleaved_throughput", "machine_info", "run_suite", "vanilla_counterpart"]

@@ -1,4 +1,4 @@
-"""Inference throughput, measured as ratios in one process.
+"""Timing and counting primitives: interleaved throughput, GMACs, parameters, machine info.
 
 Single timings on a shared CPU drift by tens of percent between runs, so every variant of a model
 is timed in the same process, interleaved round by round (the order rotates each round), after a
@@ -7,21 +7,17 @@ warm-up; the report gives the median images/s with its spread, and ratios of med
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-from ..models._factory import reparameterize_model
 
 _logger = logging.getLogger(__name__)
 
@@ -84,7 +80,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def interleaved_throughput(
     fns: dict[str, Callable[[], object]],
     batch_size: int,
@@ -93,7 +88,10 @@ def interleaved_throughput(
     warmup: int = 2,
     device: torch.device | str = "cpu",
 ) -> dict[str, list[float]]:
-    """Images/s per round for each callable, timed interleaved with a rotating order."""
+    """Images/s per round for each callable, timed interleaved with a rotating order.
+
+    Gradient mode is the caller's: wrap inference callables in ``torch.no_grad()``.
+    """
     device = torch.device(device)
     names = list(fns)
     for name in names:
@@ -120,83 +118,3 @@ def summarize(samples: Sequence[float]) -> dict:
         "max": max(samples),
         "samples": list(samples),
     }
-
-
-def build_variants(model_name: str, img_size: int = 224, **model_kwargs) -> dict[str, nn.Module]:
-    """``vanilla`` (timm counterpart, if any), ``train`` (eval mode) and ``reparam`` forms, same weights."""
-    model = timm.create_model(model_name, img_size=img_size, **model_kwargs).eval()
-    variants: dict[str, nn.Module] = {}
-    vanilla = vanilla_counterpart(model)
-    if vanilla is not None:
-        variants["vanilla"] = vanilla.eval()
-    variants["train"] = model
-    variants["reparam"] = reparameterize_model(model)
-    return variants
-
-
-def run_benchmark(
-    model_names: Sequence[str],
-    batch_size: int = 16,
-    img_size: int = 224,
-    rounds: int = 7,
-    iters: int = 3,
-    warmup: int = 2,
-    device: str = "cpu",
-    output: str | os.PathLike | None = None,
-    **model_kwargs,
-) -> dict:
-    """Benchmark each model's forms; print a table; write JSON (and return it)."""
-    dev = torch.device(device)
-    results = {
-        "machine": machine_info(),
-        "batch_size": batch_size,
-        "img_size": img_size,
-        "rounds": rounds,
-        "iters": iters,
-        "model_kwargs": model_kwargs,
-        "models": {},
-    }
-    for name in model_names:
-        variants = {k: m.to(dev) for k, m in build_variants(name, img_size, **model_kwargs).items()}
-        x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
-        with torch.no_grad():
-            ref = variants["train"](x)
-            err = ((variants["reparam"](x) - ref).abs().max() / ref.abs().max()).item()
-        fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
-        samples = interleaved_throughput(fns, batch_size, rounds, iters, warmup, dev)
-        entry = {"reparam_max_rel_err": err, "forms": {}}
-        for k, m in variants.items():
-            entry["forms"][k] = {
-                "params_m": count_params(m) / 1e6,
-                "gmacs": count_gmacs(m, img_size),
-                "throughput": summarize(samples[k]),
-            }
-        base = "vanilla" if "vanilla" in variants else "train"
-        med = {k: v["throughput"]["median"] for k, v in entry["forms"].items()}
-        entry["ratios"] = {f"{k}/{base}": med[k] / med[base] for k in med if k != base}
-        if base == "vanilla":
-            entry["ratios"]["reparam/train"] = med["reparam"] / med["train"]
-        results["models"][name] = entry
-        print(format_table(name, entry), flush=True)
-    if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(path)
-        print(f"wrote {path}")
-    return results
-
-
-def format_table(name: str, entry: dict) -> str:
-    lines = [
-        f"{name}  (reparam vs train max rel err {entry['reparam_max_rel_err']:.2e})",
-        f"  {'form':<10}{'params(M)':>10}{'GMACs':>8}{'img/s med':>11}{'min':>9}{'max':>9}",
-    ]
-    for k, v in entry["forms"].items():
-        t = v["throughput"]
-        lines.append(
-            f"  {k:<10}{v['params_m']:>10.2f}{v['gmacs']:>8.2f}{t['median']:>11.1f}{t['min']:>9.1f}{t['max']:>9.1f}"
-        )
-    lines.append("  ratios: " + ", ".join(f"{k} = {r:.3f}x" for k, r in entry["ratios"].items()))
-    return "\n".join(lines)

@@ -1,41 +1,75 @@
-"""``repavit bench``: throughput of vanilla timm, training-form and reparameterized models."""
+"""``repavit bench``: every form of a model timed side by side; table, JSON and PNG."""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure throughput ratios (vanilla / training form / reparameterized)")
+    from ..bench.suite import DEFAULT_FORMS, INFERENCE_FORMS
+
+    p = sub.add_parser(
+        "bench",
+        help="measure speed ratios of vanilla / training-form / reparameterized / deploy forms",
+        description="Times every form of each model interleaved in one process and reports medians with spread. "
+        f"Forms: {', '.join(INFERENCE_FORMS)}.",
+    )
     p.add_argument("--models", nargs="+", default=["RePaViT_Base"], help="registered model names")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--forms",
+        nargs="+",
+        default=list(DEFAULT_FORMS),
+        choices=INFERENCE_FORMS,
+        metavar="FORM",
+        help=f"inference forms to time (default: {' '.join(DEFAULT_FORMS)})",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="throughput batch size")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median reported)")
     p.add_argument("--iters", type=int, default=3, help="forward passes per round")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
+    p.add_argument("--train-step", action="store_true", help="also time training steps (vanilla, ours, masked)")
+    p.add_argument("--train-batch-size", type=int, default=32)
+    p.add_argument("--breakdown", action="store_true", help="share of time in patch embed / attention / FFN")
+    p.add_argument("--sweep-sizes", type=_ints, default=[], help="e.g. 224,384: reparam/vanilla per image size")
+    p.add_argument("--sweep-batches", type=_ints, default=[], help="e.g. 1,16,64: reparam/vanilla per batch size")
     p.add_argument("--idle-ratio", type=float, default=0.75)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", default=None, help="write results as JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG chart here")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.throughput import run_benchmark
+    from ..bench.suite import run_suite
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_benchmark(
+    run_suite(
         args.models,
+        forms=args.forms,
         batch_size=args.batch_size,
         img_size=args.img_size,
         rounds=args.rounds,
         iters=args.iters,
         warmup=args.warmup,
+        latency=not args.no_latency,
+        train_step=args.train_step,
+        train_batch_size=args.train_batch_size,
+        breakdown=args.breakdown,
+        sweep_sizes=args.sweep_sizes,
+        sweep_batches=args.sweep_batches,
         device=args.device,
         output=args.output,
+        plot=args.plot,
         idle_ratio=args.idle_ratio,
     )
     return 0

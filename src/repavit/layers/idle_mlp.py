@@ -191,10 +191,23 @@ class FusedIdleMlp(nn.Module):
         self.in_proj = nn.Linear(dim, lin_dim + act_dim)
         self.out_proj = nn.Linear(act_dim, dim, bias=not has_linear) if act_dim > 0 else None
         self.act = nn.GELU()
+        # When True, the identity is kept out of W_lin (in_proj holds W_lin - I) and x is added
+        # separately: better int8 ranges for quantized weights (see repavit.quantize).
+        self.identity_separate = False
         self.training = False
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, act_dim={self.act_dim}, has_linear={self.has_linear}"
+        extra = ", identity_separate=True" if self.identity_separate else ""
+        return f"dim={self.dim}, act_dim={self.act_dim}, has_linear={self.has_linear}{extra}"
+
+    @torch.no_grad()
+    def separate_identity(self) -> None:
+        """Move the residual identity out of ``W_lin`` into an explicit add (same function)."""
+        if self.has_linear and not self.identity_separate:
+            self.in_proj.weight[: self.dim].sub_(
+                torch.eye(self.dim, dtype=self.in_proj.weight.dtype, device=self.in_proj.weight.device)
+            )
+            self.identity_separate = True
 
     def train(self, mode: bool = True) -> FusedIdleMlp:
         if mode:
@@ -231,7 +244,7 @@ class FusedIdleMlp(nn.Module):
         x2 = x.reshape(-1, self.dim)  # (M, C)
         t = self.in_proj(x2)  # (M, C + a)
         if self.act_dim == 0:
-            return t.reshape(shape)
+            return (t + x2 if self.identity_separate else t).reshape(shape)
         if not self.has_linear:
             return (x2 + self.out_proj(self.act(t))).reshape(shape)
         lin, pre = t[:, : self.dim], t[:, self.dim :]
@@ -240,6 +253,8 @@ class FusedIdleMlp(nn.Module):
             out = torch.addmm(lin, self.act(pre), self.out_proj.weight.t())
         else:  # e.g. a dynamically quantized Linear: use the module itself
             out = lin + self.out_proj(self.act(pre))
+        if self.identity_separate:
+            out = out + x2
         return out.reshape(shape)
 
 

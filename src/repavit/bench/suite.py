@@ -1,0 +1,399 @@
+"""The benchmark suite behind ``repavit bench``.
+
+For each model, in one process, with the same weights everywhere:
+
+- inference throughput at a throughput batch and latency at batch 1, for the forms
+  ``vanilla`` (timm's plain counterpart), ``train`` (training form, eval mode), ``reparam``
+  (ours), ``reference`` (the authors' three-linear inference FFN), and the deploy paths
+  ``compile`` (torch.compile of ``reparam``), ``int8`` (dynamic quantization) and
+  ``onnxruntime`` (when the ONNX extra is installed);
+- training step time (forward + backward + SGD step) for ``vanilla``, ``train`` and ``masked``
+  (the authors' masked training FFN);
+- params, GMACs (PyTorch's FLOP counter, attention matmuls included), output agreement with
+  ``reparam`` (max relative error; logit cosine similarity and top-1 agreement for int8);
+- optionally the latency breakdown (patch embedding / attention / FFN / other) and a sweep of
+  the reparam-over-vanilla ratio across image and batch sizes.
+
+Every timing is interleaved across forms round by round (see :func:`interleaved_throughput`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.attention import PreNormAttention
+from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
+from ..models._factory import reparameterize_model
+from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
+from .throughput import count_gmacs, count_params, interleaved_throughput, machine_info, summarize, vanilla_counterpart
+
+_logger = logging.getLogger(__name__)
+
+INFERENCE_FORMS = ("vanilla", "train", "reparam", "reference", "compile", "int8", "onnxruntime")
+DEFAULT_FORMS = ("vanilla", "train", "reparam", "reference")
+TRAIN_FORMS = ("vanilla", "train", "masked")
+
+
+# ---- building the forms ----------------------------------------------------------------------
+def _onnxruntime_runner(model: nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeError("the onnxruntime form needs the ONNX extra: pip install 'repavit[onnx]'") from e
+    path = os.path.join(tempfile.mkdtemp(prefix="repavit-bench-"), "model.onnx")
+    torch.onnx.export(
+        model,
+        (example,),
+        path,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Tensor:
+        return torch.from_numpy(sess.run(None, {"input": x.cpu().numpy()})[0])
+
+    return run
+
+
+def build_inference_forms(model: nn.Module, forms: Sequence[str], example: Tensor) -> dict[str, Callable]:
+    """Callables ``f(x) -> logits`` for each requested form of a training-form ``model``."""
+    model = model.eval()
+    fused = reparameterize_model(model)
+    out: dict[str, Callable] = {}
+    for form in forms:
+        if form == "vanilla":
+            v = vanilla_counterpart(model)
+            if v is None:
+                continue
+            out[form] = v.to(example.device).eval()
+        elif form == "train":
+            out[form] = model
+        elif form == "reparam":
+            out[form] = fused
+        elif form == "reference":
+            if any(isinstance(m, FusedIdleMlp) for m in fused.modules()):
+                out[form] = with_three_linear_ffn(fused)
+        elif form == "compile":
+            out[form] = torch.compile(copy.deepcopy(fused))
+        elif form == "int8":
+            if example.device.type != "cpu":
+                continue
+            from ..quantize import quantize_int8
+
+            out[form] = quantize_int8(fused)
+            out["int8_identity_folded"] = quantize_int8(fused, keep_identity_separate=False)
+        elif form == "onnxruntime":
+            out[form] = _onnxruntime_runner(fused, example)
+        else:
+            raise ValueError(f"unknown form {form!r}; expected one of {', '.join(INFERENCE_FORMS)}")
+    return out
+
+
+# ---- agreement -------------------------------------------------------------------------------
+@torch.no_grad()
+def agreement(y: Tensor, ref: Tensor) -> dict:
+    y, ref = y.float().cpu(), ref.float().cpu()
+    return {
+        "max_rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),
+        "cosine_min": F.cosine_similarity(y, ref, dim=1).min().item(),
+        "top1_agreement": (y.argmax(1) == ref.argmax(1)).float().mean().item(),
+    }
+
+
+# ---- training step -----------------------------------------------------------------------------
+def train_step_times(
+    models: dict[str, nn.Module], batch_size: int, img_size: int, rounds: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per training step (forward + backward + SGD step), interleaved across models."""
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
+
+    def step(k: str) -> Callable[[], None]:
+        m, opt = models[k], opts[k]
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y % m.num_classes if hasattr(m, "num_classes") else y).backward()
+            opt.step()
+
+        return run
+
+    for m in models.values():
+        m.train()
+    ips = interleaved_throughput({k: step(k) for k in models}, batch_size, rounds, 1, warmup, device)
+    return {k: [batch_size / v for v in vals] for k, vals in ips.items()}
+
+
+# ---- latency breakdown -----------------------------------------------------------------------
+def _category(module: nn.Module) -> str | None:
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import Attention as TimmAttention
+    from timm.models.vision_transformer import Mlp as TimmMlp
+
+    if isinstance(module, PatchEmbed):
+        return "patch_embed"
+    if isinstance(module, (PreNormAttention, TimmAttention)):
+        return "attention"
+    if isinstance(module, (ChannelIdleMlp, FusedIdleMlp, ThreeLinearMlp, TimmMlp)):
+        return "ffn"
+    return None
+
+
+@torch.no_grad()
+def latency_breakdown(model: nn.Module, x: Tensor, iters: int = 3) -> dict[str, float]:
+    """Share of forward time in patch embedding, attention, FFN and the rest (module hooks, CPU sync).
+
+    For timm's vanilla blocks the pre-FFN LayerNorm (``norm2``) sits outside ``Mlp`` and counts as
+    "other"; in RePa blocks the FFN's BatchNorms are part of the FFN module.
+    """
+    totals: dict[str, float] = defaultdict(float)
+    starts: dict[nn.Module, float] = {}
+    handles = []
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for m in model.modules():
+        cat = _category(m)
+        if cat is None:
+            continue
+
+        def pre(mod, _inp):
+            sync()
+            starts[mod] = time.perf_counter()
+
+        def post(mod, _inp, _out, cat=cat):
+            sync()
+            totals[cat] += time.perf_counter() - starts[mod]
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        model(x)
+        totals.clear()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        sync()
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    shares = {k: v / total for k, v in totals.items()}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
+# ---- the suite -------------------------------------------------------------------------------
+def run_suite(
+    model_names: Sequence[str],
+    forms: Sequence[str] = DEFAULT_FORMS,
+    batch_size: int = 16,
+    img_size: int = 224,
+    rounds: int = 7,
+    iters: int = 3,
+    warmup: int = 2,
+    latency: bool = True,
+    train_step: bool = False,
+    train_batch_size: int = 32,
+    breakdown: bool = False,
+    sweep_sizes: Sequence[int] = (),
+    sweep_batches: Sequence[int] = (),
+    device: str = "cpu",
+    output: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    **model_kwargs,
+) -> dict:
+    dev = torch.device(device)
+    results = {
+        "machine": machine_info(),
+        "settings": dict(
+            forms=list(forms),
+            batch_size=batch_size,
+            img_size=img_size,
+            rounds=rounds,
+            iters=iters,
+            warmup=warmup,
+            train_batch_size=train_batch_size,
+            model_kwargs=model_kwargs,
+        ),
+        "models": {},
+    }
+    for name in model_names:
+        torch.manual_seed(0)
+        model = timm.create_model(name, img_size=img_size, **model_kwargs).to(dev).eval()
+        x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+        fns = build_inference_forms(model, forms, x)
+        entry: dict = {"forms": {}}
+        with torch.no_grad():
+            ref = fns["reparam"](x) if "reparam" in fns else model(x)
+            train_out = model(x)
+        entry["reparam_vs_train"] = agreement(ref, train_out)
+        for k, f in fns.items():
+            info: dict = {}
+            if k in ("vanilla", "train", "reparam", "reference"):  # float modules: counts are meaningful
+                info["params_m"] = count_params(f) / 1e6
+                info["gmacs"] = count_gmacs(f, img_size)
+            if k not in ("vanilla", "train"):
+                with torch.no_grad():
+                    info["agreement_with_reparam"] = agreement(f(x), ref)
+            entry["forms"][k] = info
+        with torch.no_grad():
+            t = interleaved_throughput(
+                {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, batch_size, rounds, iters, warmup, dev
+            )
+        for k, v in t.items():
+            entry["forms"][k]["throughput"] = summarize(v)
+        if latency:
+            x1 = x[:1]
+            with torch.no_grad():
+                lat = interleaved_throughput(
+                    {k: (lambda f=f, x1=x1: f(x1)) for k, f in fns.items()}, 1, rounds, iters, warmup, dev
+                )
+            for k, v in lat.items():
+                entry["forms"][k]["latency_ms"] = summarize([1000.0 / s for s in v])
+        if train_step:
+            tmodels = {"train": copy.deepcopy(model), "masked": with_masked_ffn(model)}
+            v = vanilla_counterpart(model)
+            if v is not None:
+                tmodels = {"vanilla": v.to(dev), **tmodels}
+            st = train_step_times(tmodels, train_batch_size, img_size, max(3, rounds // 2), 1, dev)
+            entry["train_step_s"] = {k: summarize(v) for k, v in st.items()}
+            med = {k: v["median"] for k, v in entry["train_step_s"].items()}
+            entry["train_step_ratios"] = {f"{k}/train": med[k] / med["train"] for k in med if k != "train"}
+        if breakdown:
+            entry["breakdown"] = {k: latency_breakdown(fns[k], x) for k in ("vanilla", "reparam", "train") if k in fns}
+        if sweep_sizes or sweep_batches:
+            entry["sweep"] = sweep(
+                name,
+                sweep_sizes or (img_size,),
+                sweep_batches or (batch_size,),
+                rounds,
+                iters,
+                warmup,
+                dev,
+                **model_kwargs,
+            )
+        med = {k: v["throughput"]["median"] for k, v in entry["forms"].items()}
+        base = "vanilla" if "vanilla" in med else "train"
+        entry["ratios"] = {f"{k}/{base}": med[k] / med[base] for k in med if k != base}
+        if "reference" in med:
+            entry["ratios"]["reparam/reference"] = med["reparam"] / med["reference"]
+        results["models"][name] = entry
+        print(format_entry(name, entry), flush=True)
+    if output:
+        _atomic_write_json(Path(output), results)
+        print(f"wrote {output}")
+    if plot:
+        plot_results(results, Path(plot))
+        print(f"wrote {plot}")
+    return results
+
+
+def sweep(name, sizes, batches, rounds, iters, warmup, dev, **model_kwargs) -> list[dict]:
+    """reparam / vanilla throughput ratio across image sizes and batch sizes."""
+    rows = []
+    for size in sizes:
+        torch.manual_seed(0)
+        model = timm.create_model(name, img_size=size, **model_kwargs).to(dev).eval()
+        fns = build_inference_forms(model, ("vanilla", "reparam"), torch.zeros(1, 3, size, size, device=dev))
+        for b in batches:
+            x = torch.randn(b, 3, size, size, device=dev)
+            with torch.no_grad():
+                t = interleaved_throughput(
+                    {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, b, rounds, iters, warmup, dev
+                )
+            med = {k: summarize(v)["median"] for k, v in t.items()}
+            base = "vanilla" if "vanilla" in med else "reparam"
+            rows.append(
+                {"img_size": size, "batch_size": b, "images_per_s": med, "reparam/vanilla": med["reparam"] / med[base]}
+            )
+    return rows
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def format_entry(name: str, entry: dict) -> str:
+    a = entry["reparam_vs_train"]
+    lines = [
+        f"{name}  (reparam vs train: max rel err {a['max_rel_err']:.2e})",
+        f"  {'form':<22}{'params(M)':>10}{'GMACs':>8}{'img/s med':>11}{'[min':>9}{'max]':>9}{'lat ms':>9}"
+        f"{'rel err':>10}",
+    ]
+    for k, v in entry["forms"].items():
+        t = v["throughput"]
+        lat = v.get("latency_ms", {}).get("median")
+        err = v.get("agreement_with_reparam", {}).get("max_rel_err")
+        lines.append(
+            f"  {k:<22}{v.get('params_m', float('nan')):>10.2f}{v.get('gmacs', float('nan')):>8.2f}"
+            f"{t['median']:>11.1f}{t['min']:>9.1f}{t['max']:>9.1f}"
+            f"{'' if lat is None else f'{lat:9.1f}':>9}{'' if err is None else f'{err:10.1e}':>10}"
+        )
+    lines.append("  throughput ratios: " + ", ".join(f"{k} = {r:.3f}x" for k, r in entry["ratios"].items()))
+    if "train_step_s" in entry:
+        ts = ", ".join(f"{k} {v['median']:.3f}s" for k, v in entry["train_step_s"].items())
+        tr = ", ".join(f"{k} = {r:.3f}x" for k, r in entry["train_step_ratios"].items())
+        lines.append(f"  train step (median): {ts}; time ratios: {tr}")
+    for k, shares in entry.get("breakdown", {}).items():
+        lines.append(f"  breakdown {k}: " + ", ".join(f"{c} {100 * s:.1f}%" for c, s in shares.items()))
+    for row in entry.get("sweep", []):
+        lines.append(
+            f"  sweep img {row['img_size']} batch {row['batch_size']}: reparam/vanilla {row['reparam/vanilla']:.3f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """A bar chart of median throughput per form (one panel per model), with min-max whiskers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("plotting needs matplotlib: pip install 'repavit[bench]'") from e
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], models.items()):
+        forms = list(entry["forms"])
+        med = [entry["forms"][k]["throughput"]["median"] for k in forms]
+        lo = [m - entry["forms"][k]["throughput"]["min"] for m, k in zip(med, forms)]
+        hi = [entry["forms"][k]["throughput"]["max"] - m for m, k in zip(med, forms)]
+        colors = [
+            "#999999" if k == "vanilla" else "#4C72B0" if k in ("train", "reference") else "#DD8452" for k in forms
+        ]
+        ax.bar(forms, med, yerr=[lo, hi], color=colors, capsize=3)
+        base = med[0]
+        for i, (m, h) in enumerate(zip(med, hi)):
+            ax.text(i, m + h, f"{m / base:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{name} (batch {results['settings']['batch_size']})")
+        ax.set_ylabel("images / s (median of interleaved rounds)")
+        ax.tick_params(axis="x", rotation=30)
+    m = results["machine"]
+    fig.suptitle(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
