@@ -242,20 +242,38 @@ class FusedIdleMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.dim)  # (M, C)
-        t = self.in_proj(x2)  # (M, C + a)
-        if self.act_dim == 0:
-            return (t + x2 if self.identity_separate else t).reshape(shape)
-        if not self.has_linear:
-            return (x2 + self.out_proj(self.act(t))).reshape(shape)
-        lin, pre = t[:, : self.dim], t[:, self.dim :]
-        if isinstance(self.out_proj, nn.Linear):
-            # out = lin + GELU(pre) @ W_out^T in one BLAS call.
-            out = torch.addmm(lin, self.act(pre), self.out_proj.weight.t())
-        else:  # e.g. a dynamically quantized Linear: use the module itself
-            out = lin + self.out_proj(self.act(pre))
+        plain = isinstance(self.in_proj, nn.Linear) and (self.out_proj is None or isinstance(self.out_proj, nn.Linear))
+        out = self._forward_blas(x2) if plain else self._forward_modules(x2)
         if self.identity_separate:
-            out = out + x2
+            out = out.add_(x2)
         return out.reshape(shape)
+
+    def _forward_blas(self, x2: Tensor) -> Tensor:
+        """Every product accumulates into one output buffer: no separate add, no copy of a branch.
+
+        ``out = b_lin + x W_lin^T`` (bias broadcast by addmm), then ``out += GELU(x W_act^T + b_act) W_out^T``
+        in place (addmm_ with beta=1). ``W_lin``/``W_act`` are row slices of ``in_proj.weight``
+        (contiguous views). Measured on CPU this beats one wide GEMM for ``[W_lin; W_act]`` followed by
+        an addmm on the strided linear half, which makes BLAS copy that half first.
+        """
+        w, b, c = self.in_proj.weight, self.in_proj.bias, self.dim
+        if self.act_dim == 0:
+            return torch.addmm(b, x2, w.t())
+        if not self.has_linear:  # nothing idles: out = x + b_out + GELU(x W_act^T + b_act) W_out^T
+            out = torch.addmm(self.out_proj.bias, self.act(torch.addmm(b, x2, w.t())), self.out_proj.weight.t())
+            return out.add_(x2)
+        out = torch.addmm(b[:c], x2, w[:c].t())  # (M, C): linear branch with the identity folded in
+        act = self.act(torch.addmm(b[c:], x2, w[c:].t()))  # (M, a)
+        return out.addmm_(act, self.out_proj.weight.t())
+
+    def _forward_modules(self, x2: Tensor) -> Tensor:
+        """Generic path through the submodules (e.g. dynamically quantized linears)."""
+        t = self.in_proj(x2)  # (M, C + a), or (M, a) when nothing idles
+        if self.act_dim == 0:
+            return t
+        if not self.has_linear:
+            return x2 + self.out_proj(self.act(t))
+        return t[:, : self.dim] + self.out_proj(self.act(t[:, self.dim :]))
 
 
 def reparameterize_module(module: nn.Module) -> int:
