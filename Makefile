@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,demo,bench]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,bench,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,11 +22,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
+# The whole suite, slow tests (models over 100M parameters) included: this is what CI runs.
 test: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m repavit.demo --output-dir out/demo

@@ -21,12 +21,24 @@ from helpers import randomize_bn, randomize_params, rel_err
 # family (timm module name) -> kwargs that make a fast model; input size for the test batch.
 SMALL: dict[str, dict] = {
     "repavit": dict(img_size=32),
+    # Narrow widths, real depths (real widths: parameter-count, parity and per-family tests). Swin: window 2
+    # at 64x64 keeps maps 16, 8, 4, 2 window multiples with a full window in every stage.
+    "repaswin": dict(img_size=64, window_size=2, embed_dim=24),
+    "repapoolformer": dict(img_size=64, embed_dims=(16, 32, 48, 64)),
+    "repamlpmixer": dict(img_size=64, embed_dim=64),
 }
-BIG = {"RePaViT_Large", "RePaViT_Huge", "repavit_large_patch16_224", "repavit_huge_patch16_224"}
+BIG = {"RePaViT_Large", "RePaViT_Huge", "repavit_large_patch16_224", "repavit_huge_patch16_224"} | {
+    "RePaMlpMixer_l16",
+    "RePaMlpMixer_l32",
+    "repamixer_l16_224",
+    "repamixer_l32_224",
+}
 # The authors' names and the timm-style aliases build the same networks: test each size once
 # by its authors' name, and the aliases in test_aliases_match.
 ALIASES = {f"repavit_{s}_patch16_224": f"RePaViT_{s.capitalize()}" for s in ("tiny", "small", "base", "large", "huge")}
-NAMES = [n for n in repavit.list_models() if n not in ALIASES]
+# Every family registers its authors' names (with capitals, e.g. RePaSwin_Tiny) and lowercase timm-style
+# aliases of the same networks: run the registry tests on the authors' names.
+NAMES = [n for n in repavit.list_models() if n != n.lower()]
 
 
 def family_of(name: str) -> str:

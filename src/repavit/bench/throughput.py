@@ -28,6 +28,10 @@ def vanilla_counterpart(model: nn.Module) -> nn.Module | None:
     return fn() if callable(fn) else None
 
 
+def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -38,7 +42,8 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> flo
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, img_size, img_size, device=device)
     # PyTorch's counter knows the CUDA attention kernels but not the CPU one; count it the same way.
-    extra = {}
+    # In-place addmm_ (the fused FFN's accumulation) is not in its table either: same formula as addmm.
+    extra = {torch.ops.aten.addmm_: _addmm_flops}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         extra[cpu_sdpa] = _sdpa_flops

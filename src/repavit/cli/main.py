@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules under repavit.cli, in the order `repavit --help` lists them.
-COMMANDS = ["bench"]
+COMMANDS = ["bench", "train", "convert", "reparam", "export", "push_to_hub", "predict", "rocksdb", "bench_data"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, RuntimeError)
 

@@ -2,6 +2,7 @@
 
 from .attention import PreNormAttention
 from .fold import BNStats, FoldedIdleFFN, fold_bn_before_linear, fold_idle_ffn
+from .idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
 from .idle_mlp import (
     ChannelIdleMlp,
     FusedIdleMlp,
@@ -12,8 +13,10 @@ from .idle_mlp import (
 
 __all__ = [
     "BNStats",
+    "ChannelIdleConvMlp",
     "ChannelIdleMlp",
     "FoldedIdleFFN",
+    "FusedIdleConvMlp",
     "FusedIdleMlp",
     "PreNormAttention",
     "active_channels",

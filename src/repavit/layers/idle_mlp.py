@@ -242,8 +242,12 @@ class FusedIdleMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.dim)  # (M, C)
-        plain = isinstance(self.in_proj, nn.Linear) and (self.out_proj is None or isinstance(self.out_proj, nn.Linear))
-        out = self._forward_blas(x2) if plain else self._forward_modules(x2)
+        if torch.jit.is_scripting():
+            out = self._forward_blas(x2)
+        elif isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, (nn.Linear, type(None))):
+            out = self._forward_blas(x2)
+        else:  # e.g. dynamically quantized linears
+            out = self._forward_modules(x2)
         if self.identity_separate:
             out = out.add_(x2)
         return out.reshape(shape)
@@ -257,14 +261,18 @@ class FusedIdleMlp(nn.Module):
         an addmm on the strided linear half, which makes BLAS copy that half first.
         """
         w, b, c = self.in_proj.weight, self.in_proj.bias, self.dim
-        if self.act_dim == 0:
+        assert b is not None
+        out_proj = self.out_proj
+        if out_proj is None:  # a == 0: one linear map
             return torch.addmm(b, x2, w.t())
         if not self.has_linear:  # nothing idles: out = x + b_out + GELU(x W_act^T + b_act) W_out^T
-            out = torch.addmm(self.out_proj.bias, self.act(torch.addmm(b, x2, w.t())), self.out_proj.weight.t())
+            b_out = out_proj.bias
+            assert b_out is not None
+            out = torch.addmm(b_out, self.act(torch.addmm(b, x2, w.t())), out_proj.weight.t())
             return out.add_(x2)
         out = torch.addmm(b[:c], x2, w[:c].t())  # (M, C): linear branch with the identity folded in
         act = self.act(torch.addmm(b[c:], x2, w[c:].t()))  # (M, a)
-        return out.addmm_(act, self.out_proj.weight.t())
+        return out.addmm_(act, out_proj.weight.t())
 
     def _forward_modules(self, x2: Tensor) -> Tensor:
         """Generic path through the submodules (e.g. dynamically quantized linears)."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import timm
 
-from . import repavit  # noqa: F401  (registers the RePaViT models)
+from . import repamlpmixer, repapoolformer, repaswin, repavit  # noqa: F401  (register the models in timm)
 from ._checkpoint import CheckpointMismatchError, load_checkpoint, read_checkpoint, unwrap_state_dict
 from ._factory import create_model, reparameterize_model
 from .repavit import RePaViT
 
 # timm module names of the registered families (the file names under repavit/models/).
-FAMILIES = ["repavit"]
+FAMILIES = ["repavit", "repaswin", "repapoolformer", "repamlpmixer"]
 
 
 def list_models(pattern: str = "") -> list[str]:

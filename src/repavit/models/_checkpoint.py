@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,11 +43,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"refusing to unpickle {path}: it holds objects beyond tensors and plain values ({first}); "
-            "re-save it as {'model': state_dict} or convert it with `repavit convert`"
-        ) from None
+        raise ValueError(_refusal(path, e)) from None
+
+
+def _refusal(path: str, err: Exception) -> str:
+    """One line: what weights-only loading refused in ``path`` (nothing in it ran) and how to get the weights out."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"(Unsupported operand \d+)", text)
+    what = f"`{found.group(1)}`" if found else "pickled objects"
+    return (
+        f"refusing to unpickle {path}: it needs {what}, which is not a tensor or plain value, and weights-only "
+        "loading never rebuilds such objects (nothing from the file was run). If you trust the file, keep only "
+        "its weights: torch.save({'model': torch.load(PATH, weights_only=False)['model']}, 'weights.pth'), "
+        "then use weights.pth (e.g. `repavit convert weights.pth`)"
+    )
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, Tensor]:

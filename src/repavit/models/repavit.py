@@ -16,11 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from functools import partial
+from typing import ClassVar
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..layers.attention import PreNormAttention
@@ -33,7 +34,9 @@ from ..layers.idle_mlp import (
     idle_ratios_for_depth,
     reparameterize_module,
 )
+from ..layers.reparam import take_indices
 from ._checkpoint import CheckpointMismatchError
+from ._pretrained import build_model_with_cfg, with_released_weights
 
 __all__ = ["Block", "RePaViT", "checkpoint_filter_fn"]
 
@@ -98,6 +101,9 @@ class RePaViT(nn.Module):
         reparameterized: build the FFNs directly in their fused inference form (to load deploy
             checkpoints); such a model cannot be trained.
     """
+
+    # Python-side metadata that TorchScript must not compile.
+    __jit_unused_properties__: ClassVar[list[str]] = ["feature_info", "reparameterized"]
 
     def __init__(
         self,
@@ -218,6 +224,72 @@ class RePaViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ---- dense-prediction features (timm's forward_intermediates / features_only) -------------
+    @property
+    def feature_info(self) -> list[dict]:
+        """One map per block: ``embed_dim`` channels at stride ``patch_size`` (``features_only`` metadata)."""
+        r = self.patch_embed.patch_size[0]
+        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Per-block outputs as feature maps (timm's API), e.g. for a ViTDet-style neck.
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            indices: blocks to return: None for all, ``n`` for the last ``n``, or a list of indices.
+            return_prefix_tokens: pair each map with its class token ``(B, 1, C)``.
+            norm: apply the final LayerNorm to every returned map.
+            stop_early: skip the blocks after the last requested one.
+            output_fmt: ``"NCHW"`` (patch tokens reshaped to ``(B, C, H/16, W/16)``) or ``"NLC"``.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The maps, or ``(final normalized tokens, maps)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NLC'")
+        taken, max_index = take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self.patch_embed(x)  # (B, N, C)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        x = self.norm_pre(self.pos_drop(x + self.pos_embed))
+        intermediates = []
+        for i, blk in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
+            x = blk(x)
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks (and norm/head) that the requested feature maps do not need. Returns the indices."""
+        taken, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return taken
 
     # ---- reparameterization ---------------------------------------------------------------
     @property
@@ -410,17 +482,19 @@ ARCHS = {
 # The authors' names and the timm-style names, each mapped to a size.
 MODEL_NAMES = {f"RePaViT_{s.capitalize()}": s for s in ARCHS} | {f"repavit_{s}_patch16_224": s for s in ARCHS}
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES})
+default_cfgs = generate_default_cfgs(with_released_weights({name: _cfg() for name in MODEL_NAMES}))
 
 
 def _create_repavit(variant: str, pretrained: bool = False, **kwargs) -> RePaViT:
     embed_dim, depth, num_heads = ARCHS[MODEL_NAMES[variant]]
     model_args = dict(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         RePaViT,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **dict(model_args, **kwargs),
     )
 

@@ -1,0 +1,74 @@
+"""``repavit predict``: top-k classes with probabilities for some images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._deploy_args import add_model_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="classify images: top-k classes with probabilities",
+        description="Preprocess each image as the model's pretrained_cfg says (resize, center crop, normalize), "
+        "run the (reparameterized) model and print the top-k classes. Heads with 1000 classes are labelled with "
+        "ImageNet-1k class names.",
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", default=None, help="checkpoint or Hub-layout folder (see `repavit convert -h`)")
+    p.add_argument("--pretrained", action="store_true", help="use the released weights (Hugging Face cache)")
+    add_model_args(p)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--no-reparam", action="store_true", help="run the training form as it is")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def class_names(num_classes: int) -> list[str] | None:
+    """ImageNet-1k class descriptions for a 1000-class head, else None."""
+    if num_classes != 1000:
+        return None
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(num_classes)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_model_data_config
+
+    from ..export import input_size_of
+    from ._deploy_args import load_from_args
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.checkpoint is None and not args.pretrained:
+        raise ValueError("give the weights: --checkpoint FILE_OR_FOLDER or --pretrained (with --model)")
+    for f in args.images:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"image not found: {f}")
+    loaded = load_from_args(args, reparameterized=None if args.no_reparam else True, pretrained=args.pretrained)
+    model = loaded.model.to(args.device).eval()
+    data_cfg = resolve_model_data_config(model)
+    data_cfg["input_size"] = input_size_of(model)  # the model's real size, even when img_size was overridden
+    transform = create_transform(**data_cfg, is_training=False)
+    num_classes = getattr(model, "num_classes", 0)
+    names = class_names(num_classes)
+    k = min(args.top_k, num_classes)
+    for f in args.images:
+        try:
+            img = Image.open(f).convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {f}: {e}") from None
+        with torch.no_grad():
+            probs = model(transform(img).unsqueeze(0).to(args.device)).softmax(-1)[0]
+        top = probs.topk(k)
+        print(f)
+        for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
+            label = names[i] if names else f"class {i}"
+            print(f"  {rank}. {p:.4f}  {label} ({i})")
+    return 0

@@ -1,0 +1,282 @@
+"""From a :class:`TrainConfig` to the model, data loaders, optimizer, schedule, loss and mixup (timm parts)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from ..data import (
+    RASampler,
+    ShardedEvalSampler,
+    TransformConfig,
+    build_dataset,
+    build_transform,
+    dataset_classes,
+)
+from ..data.robust import RobustDataset, check_split
+from ..models import create_model as repa_create_model
+from ..models import list_models as repa_list_models
+from .config import TrainConfig
+from .distributed import DistEnv
+
+__all__ = [
+    "build_criterion",
+    "build_datasets",
+    "build_loaders",
+    "build_mixup",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "check_model_name",
+    "is_repa_model",
+    "model_kwargs",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+# ---- model ------------------------------------------------------------------------------------
+def is_repa_model(name: str) -> bool:
+    return name in set(repa_list_models())
+
+
+def check_model_name(cfg: TrainConfig) -> None:
+    """Raise a one-line error for an unknown model, or for ``--reparam`` on a model that cannot fold."""
+    if not timm.is_model(cfg.model):
+        names = ", ".join(n for n in repa_list_models() if n.startswith("RePa"))
+        raise ValueError(f"unknown model {cfg.model!r}; RePa models are: {names}")
+    if cfg.reparam and not is_repa_model(cfg.model):
+        raise ValueError(f"--reparam applies to RePa models only; {cfg.model} has no reparameterized form")
+    if cfg.reparam and cfg.feature_norm != "BatchNorm":
+        raise ValueError(
+            f"--reparam needs --feature_norm=BatchNorm; this model has feature_norm={cfg.feature_norm}, whose "
+            "FFN LayerNorm cannot be folded into the linear layers"
+        )
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """Constructor arguments for ``cfg.model`` (RePa arguments only for RePa models)."""
+    kw: dict[str, Any] = {"num_classes": num_classes, "drop_rate": cfg.drop, "drop_path_rate": cfg.drop_path}
+    if cfg.input_size != 224:
+        kw["img_size"] = cfg.input_size
+    if is_repa_model(cfg.model):
+        kw.update(
+            channel_idle=cfg.channel_idle,
+            idle_ratio=cfg.idle_ratio,
+            feature_norm=cfg.feature_norm,
+            heuristic=cfg.heuristic,
+        )
+    kw.update(cfg.model_kwargs)
+    return kw
+
+
+def build_model(
+    cfg: TrainConfig,
+    num_classes: int,
+    checkpoint: Any = None,
+    reparameterized: bool = False,
+    use_ema: bool = False,
+) -> nn.Module:
+    """Build ``cfg.model``; optionally load a checkpoint (path) and return the reparameterized form.
+
+    Errors a user can cause (unknown model, an argument the model does not take, a checkpoint of
+    another model) are raised as ``ValueError`` with one line naming the problem.
+    """
+    check_model_name(cfg)
+    kw = model_kwargs(cfg, num_classes)
+    try:
+        if is_repa_model(cfg.model):
+            return repa_create_model(
+                cfg.model, checkpoint_path=checkpoint, reparameterized=reparameterized, use_ema=use_ema, **kw
+            )
+        model = timm.create_model(cfg.model, **kw)
+    except TypeError as e:
+        raise ValueError(f"model {cfg.model} rejected its arguments: {str(e).splitlines()[0]}") from None
+    if checkpoint is not None:
+        from ..models import load_checkpoint
+
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    return model
+
+
+# ---- data -------------------------------------------------------------------------------------
+def transform_config(cfg: TrainConfig) -> TransformConfig:
+    return TransformConfig(
+        input_size=cfg.input_size,
+        color_jitter=cfg.color_jitter,
+        aa=cfg.aa,
+        train_interpolation=cfg.train_interpolation,
+        reprob=cfg.reprob,
+        remode=cfg.remode,
+        recount=cfg.recount,
+        hflip=cfg.hflip,
+        eval_crop_ratio=cfg.eval_crop_ratio,
+        three_augment=cfg.ThreeAugment,
+        src=cfg.src,
+        crop_padding=cfg.crop_padding,
+    )
+
+
+def build_datasets(cfg: TrainConfig, need_train: bool = True) -> tuple[Dataset | None, Dataset, int]:
+    """``(train or None, val, num_classes)``; the two splits must have the same classes."""
+    tcfg = transform_config(cfg)
+    common: dict[str, Any] = dict(
+        data_set=cfg.data_set,
+        data_path=cfg.data_path,
+        rocksdb=cfg.rocksdb,
+        inat_category=cfg.inat_category,
+        num_classes=cfg.nb_classes,
+        input_size=cfg.input_size,
+        seed=cfg.seed,
+    )
+    train = None
+    if need_train:
+        train, _ = build_dataset(
+            True, transform=build_transform(True, tcfg), synthetic_size=cfg.synthetic_train_size, **common
+        )
+    val, num_classes = build_dataset(
+        False, transform=build_transform(False, tcfg), synthetic_size=cfg.synthetic_val_size, **common
+    )
+    if cfg.data_set != "SYNTH":  # generated images cannot be unreadable
+        for split, ds in (("training", train), ("validation", val)):
+            if ds is not None:
+                check_split(ds, split)
+        val = RobustDataset(val, fatal=cfg.fatal_bad_images)
+        train = None if train is None else RobustDataset(train, fatal=cfg.fatal_bad_images)
+    if train is not None:
+        tc, vc = dataset_classes(train), dataset_classes(val)
+        if tc != vc:
+            missing = sorted(set(tc) ^ set(vc))[:3]
+            raise ValueError(
+                f"training and validation splits have different classes ({len(tc)} vs {len(vc)}; "
+                f"e.g. {', '.join(map(str, missing)) or 'different order'})"
+            )
+    return train, val, num_classes
+
+
+def build_loaders(
+    cfg: TrainConfig, env: DistEnv, train: Dataset | None, val: Dataset, generator: torch.Generator
+) -> tuple[DataLoader | None, DataLoader]:
+    """Training loader (random / distributed / repeated-augmentation sampler) and validation loader."""
+    pin = cfg.pin_mem and env.device.type == "cuda"
+    extra: dict[str, Any] = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+    train_loader = None
+    if train is not None:
+        if env.distributed and cfg.repeated_aug:
+            sampler: Any = RASampler(len(train), env.world_size, env.rank, repeats=cfg.ra_repeats, seed=cfg.seed)
+        elif env.distributed:
+            sampler = DistributedSampler(train, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
+        else:
+            sampler = RandomSampler(train, generator=generator)
+        train_loader = DataLoader(
+            train,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=pin,
+            drop_last=True,
+            generator=generator,
+            **extra,
+        )
+    if env.distributed and cfg.dist_eval:
+        val_sampler: Any = ShardedEvalSampler(len(val), env.world_size, env.rank)
+    else:
+        val_sampler = SequentialSampler(val)
+    val_loader = DataLoader(
+        val,
+        batch_size=max(int(1.5 * cfg.batch_size), 1),
+        sampler=val_sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=pin,
+        drop_last=False,
+        **extra,
+    )
+    return train_loader, val_loader
+
+
+# ---- optimization -----------------------------------------------------------------------------
+def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm optimizer; no weight decay on biases, norms and ``model.no_weight_decay()``."""
+    kwargs: dict[str, Any] = {"momentum": cfg.momentum}
+    if cfg.opt_eps is not None:
+        kwargs["eps"] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        kwargs["betas"] = tuple(cfg.opt_betas)
+    try:
+        return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ValueError(f"--opt {cfg.opt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, lrs: dict[str, float], updates_per_epoch: int
+) -> Scheduler:
+    """timm schedule stepped per update (``step_update``), with warmup from ``warmup_lr``."""
+    if cfg.sched == "plateau":
+        raise ValueError("--sched plateau is not supported: this trainer steps the schedule per update")
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=cfg.sched,
+            num_epochs=cfg.epochs,
+            decay_epochs=cfg.decay_epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            cooldown_epochs=cfg.cooldown_epochs,
+            patience_epochs=cfg.patience_epochs,
+            decay_rate=cfg.decay_rate,
+            min_lr=lrs["min_lr"],
+            warmup_lr=lrs["warmup_lr"],
+            noise=cfg.lr_noise,
+            noise_pct=cfg.lr_noise_pct,
+            noise_std=cfg.lr_noise_std,
+            noise_seed=cfg.seed,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+    except (ValueError, AssertionError) as e:
+        raise ValueError(f"--sched {cfg.sched}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return scheduler
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
+    """Mixup/CutMix with label smoothing folded into the soft targets (none for BCE, see build_criterion)."""
+    if not cfg.mixup_active:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        cutmix_minmax=cfg.cutmix_minmax,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=0.0 if cfg.bce_loss else cfg.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_criterion(cfg: TrainConfig) -> nn.Module:
+    """Training loss, as in DeiT: soft-target CE with mixup, label smoothing without, or BCE.
+
+    With ``--bce_loss`` and mixup the mixed targets are binarized (``> 0``), DeiT III style. The
+    authors' code binarizes targets that already carry label smoothing, which makes every target 1;
+    here smoothing is left out of the mixed targets so the binarization keeps its meaning.
+    """
+    if cfg.bce_loss:
+        if cfg.mixup_active:
+            return BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)
+        return BinaryCrossEntropy(smoothing=cfg.smoothing)
+    if cfg.mixup_active:
+        return SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return nn.CrossEntropyLoss()

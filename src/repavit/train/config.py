@@ -1,0 +1,325 @@
+"""Run settings: one dataclass whose fields are the command-line flags (the authors' spellings).
+
+Precedence: dataclass defaults < ``--config`` YAML file < flags given on the command line. The YAML
+keys are the flag names without the leading dashes (``batch_size: 512``, ``ThreeAugment: true``).
+Defaults are the authors' ``main.py`` defaults (DeiT recipe), except where a field's help says why not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..data.datasets import DATASETS
+from ..data.inat import INAT_CATEGORIES
+
+__all__ = ["GROUPS", "TrainConfig", "config_fields", "load_yaml"]
+
+GROUPS = ("model", "optimizer", "schedule", "augmentation", "data", "run", "tracking")
+FEATURE_NORMS = ("BatchNorm", "LayerNorm")
+HEURISTICS = ("static", "linear", "none")
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
+    """A config field carrying its CLI help, group and extras (choices, aliases)."""
+    meta = {"help": help, "group": group, **meta}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``repavit train|eval|speed`` (and of the root ``main.py``)."""
+
+    # ---- model ------------------------------------------------------------------------------
+    model: str = _f("RePaViT_Base", "registered model name (RePa models or any timm model)", "model")
+    input_size: int = _f(224, "input image side", "model")
+    nb_classes: int | None = _f(
+        None, "classes of the head; None: from the dataset (for --test_speed: the checkpoint's, or 1000)", "model"
+    )
+    drop: float = _f(0.0, "dropout rate", "model")
+    drop_path: float = _f(0.1, "stochastic depth rate (rises linearly over the blocks)", "model")
+    channel_idle: bool = _f(False, "enable the channel-idle FFN (the authors' flag; off by default)", "model")
+    idle_ratio: float = _f(0.75, "share of FFN hidden channels that skip the activation", "model")
+    feature_norm: str = _f(
+        "LayerNorm", "FFN normalization; BatchNorm is needed for reparameterization", "model", choices=FEATURE_NORMS
+    )
+    heuristic: str = _f("static", "per-block idle ratios: static or linear", "model", choices=HEURISTICS)
+    reparam: bool = _f(False, "reparameterize the model for --eval / --test_speed (and after training)", "model")
+    model_kwargs: dict = _f({}, "extra model arguments as KEY=VALUE (e.g. depth=4 embed_dim=96)", "model")  # noqa: RUF009 (_f wraps dataclasses.field)
+    model_ema: bool = _f(True, "keep an exponential moving average of the weights", "model")
+    model_ema_decay: float = _f(0.99996, "EMA decay per update", "model")
+    model_ema_force_cpu: bool = _f(False, "keep the EMA on the CPU", "model")
+
+    # ---- optimizer --------------------------------------------------------------------------
+    opt: str = _f("adamw", "optimizer (timm name: lamb, adamw, sgd, ...)", "optimizer")
+    opt_eps: float | None = _f(1e-8, "optimizer epsilon", "optimizer")
+    opt_betas: list[float] | None = _f(None, "optimizer betas", "optimizer")  # noqa: RUF009 (_f wraps dataclasses.field)
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value", "optimizer")
+    momentum: float = _f(0.9, "SGD momentum", "optimizer")
+    weight_decay: float = _f(0.05, "weight decay (not applied to biases, norms, position embedding)", "optimizer")
+    accumulation_steps: int = _f(
+        1, "micro-batches per update; lr, warmup_lr and min_lr are multiplied by it", "optimizer"
+    )
+    unscale_lr: bool = _f(False, "use lr as given instead of lr * batch_size * world_size / 1024", "optimizer")
+
+    # ---- schedule ---------------------------------------------------------------------------
+    sched: str = _f("cosine", "learning-rate schedule (timm name), stepped per update", "schedule")
+    lr: float = _f(5e-4, "base learning rate", "schedule")
+    lr_noise: list[float] | None = _f(None, "learning-rate noise on/off epoch percentages", "schedule")  # noqa: RUF009 (_f wraps dataclasses.field)
+    lr_noise_pct: float = _f(0.67, "learning-rate noise limit", "schedule")
+    lr_noise_std: float = _f(1.0, "learning-rate noise std", "schedule")
+    warmup_lr: float = _f(1e-6, "learning rate at the start of the warmup", "schedule")
+    min_lr: float = _f(1e-5, "learning rate at the end of the cosine", "schedule")
+    decay_epochs: float = _f(30.0, "epoch interval of step decay", "schedule")
+    warmup_epochs: int = _f(5, "warmup epochs", "schedule")
+    cooldown_epochs: int = _f(10, "accepted for compatibility; training stops after --epochs", "schedule")
+    patience_epochs: int = _f(10, "patience of the plateau schedule", "schedule")
+    decay_rate: float = _f(0.1, "decay rate of step schedules", "schedule", aliases=("--dr",))
+    epochs: int = _f(300, "training epochs", "schedule")
+    start_epoch: int = _f(0, "first epoch (overridden by a --resume checkpoint)", "schedule")
+    batch_size: int = _f(64, "images per process and micro-batch", "schedule")
+
+    # ---- augmentation -----------------------------------------------------------------------
+    color_jitter: float = _f(0.3, "colour-jitter strength", "augmentation")
+    aa: str = _f("rand-m9-mstd0.5-inc1", "RandAugment policy, or 'none'", "augmentation")
+    smoothing: float = _f(0.1, "label smoothing", "augmentation")
+    train_interpolation: str = _f("bicubic", "training interpolation (bicubic, bilinear, random)", "augmentation")
+    repeated_aug: bool = _f(True, "repeated augmentation across processes (distributed runs)", "augmentation")
+    ra_repeats: int = _f(3, "copies of each image per epoch with --repeated_aug", "augmentation")
+    ThreeAugment: bool = _f(False, "DeiT III 3-Augment instead of RandAugment", "augmentation")
+    src: bool = _f(False, "simple random crop for 3-Augment", "augmentation")
+    reprob: float = _f(0.25, "random-erasing probability", "augmentation")
+    remode: str = _f("pixel", "random-erasing mode", "augmentation", choices=("pixel", "rand", "const"))
+    recount: int = _f(1, "random-erasing count", "augmentation")
+    hflip: float = _f(0.5, "horizontal-flip probability", "augmentation")
+    crop_padding: int = _f(4, "inputs <= 32 px: random crop after this much padding (0: none)", "augmentation")
+    mixup: float = _f(0.8, "mixup alpha (0 disables)", "augmentation")
+    cutmix: float = _f(1.0, "cutmix alpha (0 disables)", "augmentation")
+    cutmix_minmax: list[float] | None = _f(None, "cutmix min/max ratio (overrides alpha)", "augmentation")  # noqa: RUF009 (_f wraps dataclasses.field)
+    mixup_prob: float = _f(1.0, "probability of mixup or cutmix per batch", "augmentation")
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup", "augmentation")
+    mixup_mode: str = _f("batch", "mixup granularity", "augmentation", choices=("batch", "pair", "elem"))
+    bce_loss: bool = _f(False, "binary cross-entropy on (mixed) targets, DeiT III style", "augmentation")
+
+    # ---- data -------------------------------------------------------------------------------
+    data_path: str = _f("", "dataset folder (ImageFolder: train/ and val/, one sub-folder per class)", "data")
+    data_set: str = _f("IMNET", "dataset kind", "data", choices=DATASETS)
+    inat_category: str = _f("name", "iNaturalist label level", "data", choices=INAT_CATEGORIES)
+    rocksdb: str | None = _f(None, "folder with train.db / val.db, instead of --data_path", "data")
+    synthetic_train_size: int = _f(512, "images in the synthetic training split (--data_set SYNTH)", "data")
+    synthetic_val_size: int = _f(128, "images in the synthetic validation split", "data")
+    eval_crop_ratio: float = _f(0.875, "evaluation resize is input_size / eval_crop_ratio, then center crop", "data")
+    fatal_bad_images: bool = _f(
+        False, "stop at the first unreadable image (default: skip it with one warning, count it per epoch)", "data"
+    )
+    num_workers: int = _f(10, "data-loading processes per training process", "data")
+    pin_mem: bool = _f(True, "pin host memory of batches (CUDA only)", "data")
+    prefetch_factor: int = _f(2, "batches prefetched per worker", "data")
+
+    # ---- run --------------------------------------------------------------------------------
+    output_dir: str = _f("", "where checkpoints, log.txt and config.yaml go (empty: save nothing)", "run")
+    save_freq: int = _f(10, "also keep checkpoint_{N}epoch.pth every N epochs", "run")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "run")
+    amp: str = _f("auto", "mixed precision: auto (fp16 on CUDA, off on CPU), fp16, bf16, off", "run", choices=AMP_MODES)
+    seed: int = _f(0, "random seed", "run")
+    resume: str = _f("", "checkpoint to resume from (or to evaluate with --eval)", "run")
+    eval: bool = _f(False, "evaluate only", "run")
+    eval_ema: bool = _f(False, "with --eval: evaluate the checkpoint's EMA weights", "run")
+    dist_eval: bool = _f(False, "shard evaluation over the processes", "run")
+    sync_bn: bool = _f(False, "synchronize BatchNorm statistics across processes (CUDA)", "run")
+    dist_backend: str = _f("auto", "process-group backend: auto (nccl on CUDA, gloo on CPU)", "run")
+    world_size: int = _f(1, "accepted for compatibility; taken from torchrun or Slurm", "run")
+    dist_url: str = _f("env://", "accepted for compatibility; rendezvous uses MASTER_ADDR/MASTER_PORT", "run")
+    test_speed: bool = _f(
+        False, "measure inference throughput (no dataset needed)", "run", aliases=("--only_test_speed",)
+    )
+    speed_batch_size: int = _f(128, "batch of the speed test", "run")
+    speed_iters: int = _f(100, "forward passes per speed measurement", "run")
+    log_freq: int = _f(10, "log a progress line every N steps when not on a terminal", "run")
+
+    # ---- tracking ---------------------------------------------------------------------------
+    wandb: bool = _f(False, "log to Weights & Biases (needs WANDB_MODE=online|offline)", "tracking")
+    wandb_suffix: str = _f("", "project name suffix (project = model name + '_' + suffix)", "tracking")
+    wandb_entity: str = _f("", "wandb entity (team or user)", "tracking")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name} {getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+        checks: list[tuple[bool, str]] = [
+            (bool(self.model), "--model must name a model"),
+            (self.input_size >= 1, "--input_size must be >= 1"),
+            (self.nb_classes is None or self.nb_classes >= 1, "--nb_classes must be >= 1"),
+            (0.0 <= self.drop < 1.0, "--drop must be in [0, 1)"),
+            (0.0 <= self.drop_path < 1.0, "--drop_path must be in [0, 1)"),
+            (0.0 <= self.idle_ratio <= 1.0, "--idle_ratio must be in [0, 1]"),
+            (0.0 <= self.model_ema_decay <= 1.0, "--model_ema_decay must be in [0, 1]"),
+            (bool(self.opt), "--opt must name an optimizer"),
+            (self.clip_grad is None or self.clip_grad > 0, "--clip_grad must be > 0"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (self.accumulation_steps >= 1, "--accumulation_steps must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.min_lr >= 0 and self.warmup_lr >= 0, "--min_lr and --warmup_lr must be >= 0"),
+            (self.warmup_epochs >= 0, "--warmup_epochs must be >= 0"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (0 <= self.start_epoch, "--start_epoch must be >= 0"),
+            (self.batch_size >= 1, "--batch_size must be >= 1"),
+            (self.color_jitter >= 0, "--color_jitter must be >= 0"),
+            (0.0 <= self.smoothing < 1.0, "--smoothing must be in [0, 1)"),
+            (self.ra_repeats >= 1, "--ra_repeats must be >= 1"),
+            (0.0 <= self.reprob <= 1.0, "--reprob must be in [0, 1]"),
+            (self.recount >= 1, "--recount must be >= 1"),
+            (self.crop_padding >= 0, "--crop_padding must be >= 0"),
+            (0.0 <= self.hflip <= 1.0, "--hflip must be in [0, 1]"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+            (0.0 <= self.mixup_prob <= 1.0, "--mixup_prob must be in [0, 1]"),
+            (0.0 <= self.mixup_switch_prob <= 1.0, "--mixup_switch_prob must be in [0, 1]"),
+            (
+                self.cutmix_minmax is None or len(self.cutmix_minmax) == 2,
+                "--cutmix_minmax takes two values (min max)",
+            ),
+            (self.synthetic_train_size >= 1 and self.synthetic_val_size >= 1, "synthetic split sizes must be >= 1"),
+            (0.0 < self.eval_crop_ratio <= 1.0, "--eval_crop_ratio must be in (0, 1]"),
+            (self.num_workers >= 0, "--num_workers must be >= 0"),
+            (self.prefetch_factor >= 1, "--prefetch_factor must be >= 1"),
+            (self.save_freq >= 1, "--save_freq must be >= 1"),
+            (bool(_DEVICE.match(self.device)), f"--device {self.device!r} is not auto, cpu, cuda or cuda:N"),
+            (self.dist_backend in ("auto", "gloo", "nccl"), "--dist_backend must be auto, gloo or nccl"),
+            (self.speed_batch_size >= 1 and self.speed_iters >= 1, "--speed_batch_size and --speed_iters must be >= 1"),
+            (self.log_freq >= 1, "--log_freq must be >= 1"),
+            (not (self.eval and self.test_speed), "--eval and --test_speed cannot be combined; run them separately"),
+            (
+                not (self.mixup_active and self.batch_size % 2),
+                f"mixup/cutmix needs an even --batch_size, got {self.batch_size} (or pass --mixup 0 --cutmix 0)",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if not all(isinstance(k, str) for k in self.model_kwargs):
+            raise ValueError("--model_kwargs keys must be strings")
+
+    # ---- derived values ---------------------------------------------------------------------
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    @property
+    def mode(self) -> str:
+        """``"speed"``, ``"eval"`` or ``"train"``."""
+        return "speed" if self.test_speed else "eval" if self.eval else "train"
+
+    def scaled_lrs(self, world_size: int) -> dict[str, float]:
+        """``lr``, ``warmup_lr``, ``min_lr`` after the batch-size rule and the accumulation factor."""
+        scale = 1.0 if self.unscale_lr else self.batch_size * world_size / 1024.0
+        scale *= self.accumulation_steps
+        return {"lr": self.lr * scale, "warmup_lr": self.warmup_lr * scale, "min_lr": self.min_lr * scale}
+
+    # ---- (de)serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (str, int, float, bool, None, list, dict): safe for YAML, JSON and checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping of field names; unknown names are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
+        return cls(**values)
+
+    def save_yaml(self, path: str | os.PathLike) -> None:
+        """Write the resolved settings atomically (loadable again with ``--config``)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("# Resolved settings of this run; reload with `repavit train --config <this file>`.\n")
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The dataclass fields, in declaration order (the CLI builds its flags from them)."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a dict of settings (validated when the config is built)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} must hold a mapping of settings (flag names without dashes), not {type(data).__name__}"
+        )
+    return data
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check one value against its annotation; ints are accepted for floats (YAML writes 1 for 1.0)."""
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"--{name} needs a value")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"--{name} must be true or false, got {value!r}")
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--{name} must be an integer, got {value!r}")
+        return value
+    if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"--{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--{name} must be a number, got {value!r}")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise ValueError(f"--{name} must be a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ValueError(f"--{name} must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"--{name} must be a mapping, got {value!r}")
+        return dict(value)
+    return value

@@ -1,0 +1,187 @@
+"""One training epoch and one evaluation pass; device-agnostic, with optional mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from .distributed import DistEnv, all_reduce_sum
+from .progress import Progress
+
+__all__ = ["Precision", "evaluate", "train_one_epoch"]
+
+_logger = logging.getLogger(__name__)
+
+
+class Precision:
+    """Autocast and gradient scaling for one ``--amp`` setting on one device.
+
+    ``auto``: fp16 with a gradient scaler on CUDA, full fp32 elsewhere. ``bf16``: bfloat16 autocast
+    (CPU or CUDA), no scaler. ``fp16`` needs CUDA. ``off``: fp32.
+    """
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        if mode == "auto":
+            mode = "fp16" if device.type == "cuda" else "off"
+        if mode == "fp16" and device.type != "cuda":
+            raise ValueError(f"--amp fp16 needs a CUDA device, not {device.type}; use --amp bf16 or --amp off")
+        self.mode, self.device = mode, device
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
+        self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], clip_grad: float | None) -> None:
+        if self.scaler is not None:
+            if clip_grad is not None:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            optimizer.step()
+
+
+def _check_finite(value: float, env: DistEnv, epoch: int, step: int) -> None:
+    # Every process must stop together, or the others hang in the next all-reduce.
+    bad = not math.isfinite(value)
+    if env.distributed:
+        bad = all_reduce_sum([float(bad)], env)[0] > 0
+    if bad:
+        raise RuntimeError(
+            f"loss is not finite at epoch {epoch} step {step}: training diverged (lower --lr or set --clip_grad)"
+        )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler,
+    precision: Precision,
+    env: DistEnv,
+    epoch: int,
+    updates_per_epoch: int,
+    accumulation_steps: int = 1,
+    clip_grad: float | None = None,
+    model_ema: ModelEmaV3 | None = None,
+    mixup_fn: Mixup | None = None,
+    desc: str = "",
+    log_freq: int = 10,
+) -> dict[str, float]:
+    """Train for ``updates_per_epoch`` optimizer updates of ``accumulation_steps`` micro-batches each.
+
+    The schedule is stepped after every update (``step_update(global update count)``), and the EMA is
+    updated after every update (the authors update it every micro-batch, which under accumulation
+    averages the same weights several times). Micro-batches left over at the end of the loader
+    (fewer than ``accumulation_steps``) are skipped. Returns the mean loss over all processes,
+    the last learning rate, the number of images and images/s.
+    """
+    model.train()
+    unwrapped = model.module if hasattr(model, "no_sync") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    k = accumulation_steps
+    n_micro = updates_per_epoch * k
+    progress = Progress(n_micro, desc or f"Epoch [{epoch}]", env.is_main, log_freq, env.world_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, seen = 0.0, 0
+    for i, (images, targets) in enumerate(loader):
+        if i >= n_micro:
+            break
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        last = (i + 1) % k == 0
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with precision.autocast():
+                output = model(images)
+                loss = criterion(output, targets)
+            loss_value = loss.item()
+            _check_finite(loss_value, env, epoch, i)
+            precision.backward(loss / k)
+        if last:
+            precision.step(optimizer, params, clip_grad)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step_update(epoch * updates_per_epoch + (i + 1) // k)
+            if model_ema is not None:
+                model_ema.update(unwrapped)
+        loss_sum += loss_value * images.shape[0]
+        seen += images.shape[0]
+        progress.update(images.shape[0], loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+    progress.close()
+    total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], env)
+    elapsed = progress.elapsed
+    return {
+        "loss": total_loss / max(total_seen, 1.0),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images": int(total_seen),
+        "images_per_s": total_seen / max(elapsed, 1e-9),
+        "time_s": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    env: DistEnv,
+    sharded: bool = False,
+    precision: Precision | None = None,
+    desc: str = "Test",
+    log_freq: int = 10,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy of ``model`` on ``loader``.
+
+    With ``sharded=True`` each process saw a disjoint part of the data and the counts are summed
+    over processes (exact: no sample counted twice). Pass the unwrapped model, not the DDP wrapper.
+    Without ``precision`` the pass runs in fp32, so a reparameterized model scores exactly the same.
+    """
+    model.eval()
+    device = env.device if next(model.parameters()).device.type == env.device.type else torch.device("cpu")
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    progress = Progress(total, desc, env.is_main, log_freq, env.world_size if sharded else 1)
+    correct1 = correct5 = loss_sum = n = 0.0
+    ctx = precision.autocast if precision is not None else contextlib.nullcontext
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with ctx():
+            output = model(images)
+        output = output.float()
+        loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
+        maxk = min(5, output.shape[1])
+        top = output.topk(maxk, dim=1).indices  # (B, maxk)
+        hit = top.eq(targets[:, None])
+        correct1 += hit[:, :1].sum().item()
+        correct5 += hit.sum().item()
+        n += images.shape[0]
+        progress.update(images.shape[0])
+    progress.close()
+    if sharded:
+        correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], env)
+    if n == 0:
+        raise ValueError("the validation split produced no batches")
+    return {"acc1": 100.0 * correct1 / n, "acc5": 100.0 * correct5 / n, "loss": loss_sum / n, "images": int(n)}
