@@ -32,8 +32,9 @@ test-fast: lint
 demo: $(STAMP)
 	$(PY) -m repavit.demo --output-dir out/demo
 
+# The benchmarks recorded in the README (about 15 minutes on 2 CPU cores).
 bench: $(STAMP)
-	$(PY) -m repavit.bench --models RePaViT_Base --batch-size 16 --output benchmarks/results/bench_base.json
+	PY=$(PY) bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -336,3 +336,19 @@ def test_progress_logs_plain_lines_off_terminal_and_nothing_on_other_ranks(caplo
     for _ in range(5):
         quiet.update(4, loss=1.0)
     assert not caplog.records
+
+
+def test_corrupt_image_is_skipped_counted_and_fatal_on_request(tmp_path, capsys):
+    """One unreadable training image: the epoch completes, log.txt counts it; --fatal_bad_images stops."""
+    folder = _image_folder(tmp_path / "images", n=6)
+    bad = folder / "train" / "b" / "5.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    base = f"train {TINY} {EASY} --batch_size 4 --epochs 1 --data_path {folder}"
+    out = tmp_path / "run"
+    assert cli(base, "--output_dir", str(out)) == 0
+    row = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert row["train_bad_images"] == 1 and row["test_bad_images"] == 0
+    capsys.readouterr()
+    rc = cli(base, "--fatal_bad_images", "--output_dir", str(tmp_path / "fatal"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "5.png" in err[0]

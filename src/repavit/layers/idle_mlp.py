@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
@@ -139,9 +140,40 @@ class ChannelIdleMlp(nn.Module):
         # BatchNorm1d on (B*N, C) is BatchNorm1d on (B, C, N) without the transposes: same
         # per-channel statistics over every token, same running-stat update.
         u = self.norm1(x.reshape(-1, self.dim))  # (B*N, C)
-        z = self._partial_act(self.fc1(u))  # (B*N, h)
-        y = self.fc2(self.norm2(z)).reshape(shape)  # (B, N, C)
-        return x + self.drop_path(y)
+        if 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm1d:
+            y = self._split_hidden(u)
+        else:  # LayerNorm form, nothing / everything idle, or a converted norm (e.g. SyncBatchNorm)
+            y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
+        return x + self.drop_path(y.reshape(shape))  # (B, N, C)
+
+    def _split_hidden(self, u: Tensor) -> Tensor:
+        """The hidden layer as two channel groups, never concatenated.
+
+        Active and idle channels go through their own rows of fc1, their own channels of BN2 (views of
+        its parameters and running statistics, so the module's state is updated exactly as by one
+        BatchNorm over all ``h`` channels), and their own columns of fc2, accumulated into one output.
+        This saves the ``(B*N, h)`` copy that joining the two groups would cost in every forward.
+        """
+        a, bn = self.act_dim, self.norm2
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        use_batch_stats = bn.training or bn.running_mean is None
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm1d does
+                momentum = 1.0 / float(bn.num_batches_tracked)
+
+        def norm(z: Tensor, s: slice) -> Tensor:
+            rm = None if bn.running_mean is None else bn.running_mean[s]
+            rv = None if bn.running_var is None else bn.running_var[s]
+            w = None if bn.weight is None else bn.weight[s]
+            b = None if bn.bias is None else bn.bias[s]
+            return F.batch_norm(z, rm, rv, w, b, use_batch_stats, momentum, bn.eps)
+
+        active = norm(self.act(F.linear(u, w1[:a], None if b1 is None else b1[:a])), slice(0, a))  # (M, a)
+        idle = norm(F.linear(u, w1[a:], None if b1 is None else b1[a:]), slice(a, None))  # (M, h - a)
+        y = F.linear(active, w2[:, :a], b2)  # (M, C)
+        return y.addmm_(idle, w2[:, a:].t())
 
     # ---- reparameterization -------------------------------------------------------------
     def fold(self, layer_scale: Tensor | None = None) -> FoldedIdleFFN:

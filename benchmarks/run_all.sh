@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The benchmarks recorded in the README (`make bench`). Each line is one process: every form of a
+# model is timed interleaved in it, so only ratios within one JSON file are comparable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=benchmarks/results
+mkdir -p "$OUT"
+# RePaViT_Base: every inference form, batch 16 and batch 1, latency breakdown.
+$PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 5 --iters 2 \
+    --forms vanilla train reparam reference compile int8 onnxruntime --breakdown \
+    --output $OUT/vit_base.json --plot $OUT/vit_base.png
+# RePaViT_Small: training step (batch 32) against timm's deit_small and the authors' masked FFN.
+$PY -m repavit bench --models RePaViT_Small --batch-size 16 --rounds 6 --iters 2 --forms vanilla train reparam \
+    --train-step --train-batch-size 32 --output $OUT/vit_small.json --plot $OUT/vit_small.png
+# The other families against timm's vanilla counterparts.
+$PY -m repavit bench --models RePaSwin_Tiny RePaPoolformer_s12 RePaMlpMixer_s16 --batch-size 16 --rounds 5 \
+    --iters 2 --forms vanilla train reparam --output $OUT/families.json --plot $OUT/families.png
+# How the speed-up changes with image size and batch size.
+$PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 1 --forms vanilla reparam \
+    --no-latency --sweep-sizes 224,384 --sweep-batches 1,16 --output $OUT/vit_base_sweep.json
