@@ -198,3 +198,24 @@ def test_drop_path_only_in_training():
     dropped = (y - x).flatten(1).abs().amax(1) == 0
     assert 0 < dropped.sum() < 64
     assert math.isfinite(y.sum().item())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_autocast_on_cpu(fused):
+    m = ChannelIdleMlp(16, 64, idle_ratio=0.75)
+    randomize_bn(m)
+    m.eval()
+    if fused:
+        m = m.fuse()
+    x = torch.randn(2, 5, 16)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert rel_err(out.float(), ref) < 5e-2
+
+
+@pytest.mark.parametrize("idle", [0.0, 0.75, 1.0])
+def test_fused_ffn_scripts(idle):
+    f = ChannelIdleMlp(8, 32, idle_ratio=idle).eval().fuse()
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(torch.jit.script(f)(x), f(x))

@@ -269,3 +269,10 @@ def test_gmacs_counted_with_attention_matmuls():
     fused = repavit.reparameterize_model(model)
     ffn_fused = 3 * n * c * c  # C x (C + a) and a x C with a = C
     assert count_gmacs(fused) == pytest.approx((embed + depth * (attn + ffn_fused) + c * classes) / 1e9, rel=1e-9)
+
+
+def test_reparameterized_vit_scripts():
+    fused = repavit.reparameterize_model(cached_small("RePaViT_Tiny"))
+    x = small_input("RePaViT_Tiny")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(fused)(x), fused(x))

@@ -173,7 +173,7 @@ class ChannelIdleMlp(nn.Module):
         active = norm(self.act(F.linear(u, w1[:a], None if b1 is None else b1[:a])), slice(0, a))  # (M, a)
         idle = norm(F.linear(u, w1[a:], None if b1 is None else b1[a:]), slice(a, None))  # (M, h - a)
         y = F.linear(active, w2[:, :a], b2)  # (M, C)
-        return y.addmm_(idle, w2[:, a:].t())
+        return _accumulate(y, idle, w2[:, a:].t())
 
     # ---- reparameterization -------------------------------------------------------------
     def fold(self, layer_scale: Tensor | None = None) -> FoldedIdleFFN:
@@ -304,7 +304,7 @@ class FusedIdleMlp(nn.Module):
             return out.add_(x2)
         out = torch.addmm(b[:c], x2, w[:c].t())  # (M, C): linear branch with the identity folded in
         act = self.act(torch.addmm(b[c:], x2, w[c:].t()))  # (M, a)
-        return out.addmm_(act, out_proj.weight.t())
+        return _accumulate(out, act, out_proj.weight.t())
 
     def _forward_modules(self, x2: Tensor) -> Tensor:
         """Generic path through the submodules (e.g. dynamically quantized linears)."""
@@ -314,6 +314,15 @@ class FusedIdleMlp(nn.Module):
         if not self.has_linear:
             return x2 + self.out_proj(self.act(t))
         return t[:, : self.dim] + self.out_proj(self.act(t[:, self.dim :]))
+
+
+def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out + a @ b``: in place (no new buffer), except under autocast, which only casts out-of-place ops."""
+    if torch.jit.is_scripting():
+        return torch.addmm(out, a, b)
+    if torch.is_autocast_enabled(out.device.type):
+        return torch.addmm(out, a, b)
+    return out.addmm_(a, b)
 
 
 def reparameterize_module(module: nn.Module) -> int:
