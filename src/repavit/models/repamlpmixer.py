@@ -22,18 +22,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
 from ._checkpoint import CheckpointMismatchError
+from ._registry import register_variants
 
 __all__ = ["RePaMlpMixer", "checkpoint_filter_fn"]
 
@@ -364,18 +364,9 @@ def _create_repamlpmixer(variant: str, pretrained: bool = False, **kwargs) -> Re
     )
 
 
-def _register(name: str):
-    fn = partial(_create_repamlpmixer, name)
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> RePaMlpMixer:
-        return fn(pretrained=pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
+def _describe(name: str) -> str:
     patch, dim, depth = ARCHS[MODEL_NAMES[name]]
-    entrypoint.__doc__ = f"{name}: RePaMlpMixer, patch {patch}, embed_dim {dim}, depth {depth}."
-    globals()[name] = register_model(entrypoint)
+    return f"{name}: RePaMlpMixer, patch {patch}, embed_dim {dim}, depth {depth}."
 
 
-for _name in MODEL_NAMES:
-    _register(_name)
+register_variants(__name__, MODEL_NAMES, _create_repamlpmixer, _describe)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..layers.ffn_state import ffn_forms, prepare_ffns
@@ -32,6 +31,7 @@ from ..layers.idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
 from ..layers.idle_mlp import active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
 from ._checkpoint import CheckpointMismatchError
+from ._registry import register_variants
 
 __all__ = ["RePaPoolFormer", "checkpoint_filter_fn"]
 
@@ -422,18 +422,9 @@ def _create_repapoolformer(variant: str, pretrained: bool = False, **kwargs) -> 
     )
 
 
-def _register(name: str):
-    fn = partial(_create_repapoolformer, name)
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> RePaPoolFormer:
-        return fn(pretrained=pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
+def _describe(name: str) -> str:
     layers, dims, pool, ls = ARCHS[MODEL_NAMES[name]]
-    entrypoint.__doc__ = f"{name}: RePaPoolFormer, layers {layers}, widths {dims}, pool {pool}, layer scale {ls}."
-    globals()[name] = register_model(entrypoint)
+    return f"{name}: RePaPoolFormer, layers {layers}, widths {dims}, pool {pool}, layer scale {ls}."
 
 
-for _name in MODEL_NAMES:
-    _register(_name)
+register_variants(__name__, MODEL_NAMES, _create_repapoolformer, _describe)

@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..layers.ffn_state import prepare_ffns
@@ -39,6 +38,7 @@ from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, che
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
 from ._checkpoint import CheckpointMismatchError
 from ._pretrained import build_model_with_cfg, with_released_weights
+from ._registry import register_variants
 
 __all__ = ["RePaSwin", "checkpoint_filter_fn", "relative_position_index", "window_attention_mask"]
 
@@ -611,18 +611,9 @@ def _create_repaswin(variant: str, pretrained: bool = False, **kwargs) -> RePaSw
     )
 
 
-def _register(name: str):
-    fn = partial(_create_repaswin, name)
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> RePaSwin:
-        return fn(pretrained=pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
+def _describe(name: str) -> str:
     embed_dim, depths, heads = ARCHS[MODEL_NAMES[name]]
-    entrypoint.__doc__ = f"{name}: RePaSwin, window 7, embed_dim {embed_dim}, depths {depths}, heads {heads}."
-    globals()[name] = register_model(entrypoint)
+    return f"{name}: RePaSwin, window 7, embed_dim {embed_dim}, depths {depths}, heads {heads}."
 
 
-for _name in MODEL_NAMES:
-    _register(_name)
+register_variants(__name__, MODEL_NAMES, _create_repaswin, _describe)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from functools import partial
 from typing import ClassVar
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..layers.attention import PreNormAttention
@@ -32,11 +31,11 @@ from ..layers.idle_mlp import (
     check_feature_norm,
     check_idle_ratio,
     idle_ratios_for_depth,
-    reparameterize_module,
 )
-from ..layers.reparam import take_indices
+from ..layers.reparam import ReparamMixin, take_indices
 from ._checkpoint import CheckpointMismatchError
 from ._pretrained import build_model_with_cfg, with_released_weights
+from ._registry import register_variants
 
 __all__ = ["Block", "RePaViT", "checkpoint_filter_fn"]
 
@@ -80,7 +79,7 @@ class Block(nn.Module):
         return self.mlp(x)
 
 
-class RePaViT(nn.Module):
+class RePaViT(ReparamMixin, nn.Module):
     """Vision Transformer with channel-idle FFNs that fold into three matrices after training.
 
     Args:
@@ -291,31 +290,6 @@ class RePaViT(nn.Module):
             self.reset_classifier(0, "")
         return taken
 
-    # ---- reparameterization ---------------------------------------------------------------
-    @property
-    def reparameterized(self) -> bool:
-        return any(isinstance(m, FusedIdleMlp) for m in self.modules())
-
-    def train(self, mode: bool = True) -> RePaViT:
-        if mode and self.reparameterized:
-            raise RuntimeError(
-                "this model is reparameterized (inference only) and cannot be trained; train the training-form "
-                "model and reparameterize it afterwards"
-            )
-        return super().train(mode)
-
-    @torch.no_grad()
-    def reparameterize(self) -> RePaViT:
-        """Fold every FFN in place (idempotent) and switch to eval mode. Returns ``self``."""
-        if self.feature_norm != "BatchNorm":
-            raise ValueError(
-                "cannot reparameterize a feature_norm='LayerNorm' model: LayerNorm normalizes each token by its "
-                "own statistics, which no fixed matrix can absorb; train with feature_norm='BatchNorm'"
-            )
-        self.eval()
-        reparameterize_module(self)
-        return self
-
     def checkpoint_filter(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return checkpoint_filter_fn(state_dict, self)
 
@@ -499,17 +473,8 @@ def _create_repavit(variant: str, pretrained: bool = False, **kwargs) -> RePaViT
     )
 
 
-def _register(name: str):
-    fn = partial(_create_repavit, name)
-
-    def entrypoint(pretrained: bool = False, **kwargs) -> RePaViT:
-        return fn(pretrained=pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"{name}: RePaViT with embed_dim, depth, heads = {ARCHS[MODEL_NAMES[name]]}."
-    globals()[name] = register_model(entrypoint)
+def _describe(name: str) -> str:
+    return f"{name}: RePaViT with embed_dim, depth, heads = {ARCHS[MODEL_NAMES[name]]}."
 
 
-for _name in MODEL_NAMES:
-    _register(_name)
+register_variants(__name__, MODEL_NAMES, _create_repavit, _describe)
