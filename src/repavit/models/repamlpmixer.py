@@ -24,7 +24,6 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
@@ -33,7 +32,7 @@ from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
 from ._checkpoint import CheckpointMismatchError
-from ._registry import register_variants
+from ._registry import register_variants, repa_cfg
 
 __all__ = ["RePaMlpMixer", "checkpoint_filter_fn"]
 
@@ -314,25 +313,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaMlpMixer) 
 
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2505.21847",
-        "paper_name": "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization "
-        "on Feedforward Network Layers",
-        "origin_url": "https://github.com/Ackesnal/RePaViT",
-        **kwargs,
-    }
+    return repa_cfg(first_conv="stem.proj", pool_size=None, fixed_input_size=True, **kwargs)
 
 
 # Model sizes: (patch_size, embed_dim, depth), as MLP-Mixer S/B/L.

@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from ..layers.idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
 from ..layers.idle_mlp import active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
 from ._checkpoint import CheckpointMismatchError
-from ._registry import register_variants
+from ._registry import register_variants, repa_cfg
 
 __all__ = ["RePaPoolFormer", "checkpoint_filter_fn"]
 
@@ -373,25 +372,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaPoolFormer
 
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2505.21847",
-        "paper_name": "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization "
-        "on Feedforward Network Layers",
-        "origin_url": "https://github.com/Ackesnal/RePaViT",
-        **kwargs,
-    }
+    return repa_cfg(first_conv="patch_embed.proj", pool_size=(7, 7), fixed_input_size=False, **kwargs)
 
 
 # Model sizes: (blocks per stage, widths, pool size, layer-scale init), as the authors registered them.

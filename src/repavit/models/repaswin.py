@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, che
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
 from ._checkpoint import CheckpointMismatchError
 from ._pretrained import build_model_with_cfg, with_released_weights
-from ._registry import register_variants
+from ._registry import register_variants, repa_cfg
 
 __all__ = ["RePaSwin", "checkpoint_filter_fn", "relative_position_index", "window_attention_mask"]
 
@@ -564,25 +563,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaSwin) -> d
 
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2505.21847",
-        "paper_name": "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization "
-        "on Feedforward Network Layers",
-        "origin_url": "https://github.com/Ackesnal/RePaViT",
-        **kwargs,
-    }
+    return repa_cfg(first_conv="patch_embed.proj", pool_size=(7, 7), fixed_input_size=False, **kwargs)
 
 
 # Model sizes: (embed_dim, depths, num_heads).

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ from ..layers.idle_mlp import (
 from ..layers.reparam import ReparamMixin, take_indices
 from ._checkpoint import CheckpointMismatchError
 from ._pretrained import build_model_with_cfg, with_released_weights
-from ._registry import register_variants
+from ._registry import register_variants, repa_cfg
 
 __all__ = ["Block", "RePaViT", "checkpoint_filter_fn"]
 
@@ -424,25 +423,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> di
 
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2505.21847",
-        "paper_name": "RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization "
-        "on Feedforward Network Layers",
-        "origin_url": "https://github.com/Ackesnal/RePaViT",
-        **kwargs,
-    }
+    return repa_cfg(first_conv="patch_embed.proj", pool_size=None, fixed_input_size=True, **kwargs)
 
 
 # Model sizes: (embed_dim, depth, num_heads). Shared by both naming schemes.
