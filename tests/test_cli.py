@@ -48,7 +48,9 @@ def test_bench_writes_json_plot_and_ratios(tmp_path, capsys):
             "vanilla",
             "train",
             "reparam",
+            "reparam_all_tokens",
             "reference",
+            "authors_design",
             "int8",
             "--batch-size",
             "2",
@@ -75,12 +77,27 @@ def test_bench_writes_json_plot_and_ratios(tmp_path, capsys):
     assert rc == 0
     res = json.loads(path.read_text())
     entry = res["models"]["RePaViT_Tiny"]
-    assert set(entry["forms"]) == {"vanilla", "train", "reparam", "reference", "int8", "int8_identity_folded"}
+    assert set(entry["forms"]) == {
+        "vanilla",
+        "train",
+        "reparam",
+        "reparam_all_tokens",
+        "reference",
+        "authors_design",
+        "int8",
+        "int8_identity_folded",
+    }
     assert entry["reparam_vs_train"]["max_rel_err"] < 1e-5
-    assert entry["forms"]["reference"]["agreement_with_reparam"]["max_rel_err"] < 1e-5
+    for form in ("reparam_all_tokens", "reference", "authors_design"):
+        assert entry["forms"][form]["agreement_with_reparam"]["max_rel_err"] < 1e-5
+    # the class-token shortcut does less work than the full computation, which is the paper's count
+    gm = {k: v["gmacs"] for k, v in entry["forms"].items() if "gmacs" in v}
+    assert gm["reparam"] == gm["reference"] < gm["reparam_all_tokens"] == gm["authors_design"] < gm["vanilla"]
     assert entry["forms"]["reparam"]["params_m"] < entry["forms"]["train"]["params_m"]
     assert entry["forms"]["reparam"]["gmacs"] < entry["forms"]["vanilla"]["gmacs"]
-    assert {"reparam/vanilla", "reparam/reference"} <= set(entry["ratios"])
+    assert {"reparam/vanilla", "reparam/reference", "reparam/authors_design", "reparam/reparam_all_tokens"} <= set(
+        entry["ratios"]
+    )
     assert set(entry["train_step_s"]) == {"vanilla", "train", "masked"}
     for shares in entry["breakdown"].values():
         assert abs(sum(shares.values()) - 1) < 1e-6 and shares["ffn"] > 0 and shares["attention"] > 0

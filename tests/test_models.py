@@ -264,11 +264,58 @@ def test_gmacs_counted_with_attention_matmuls():
     embed = 196 * c * 3 * 16 * 16
     attn = 4 * n * c * c + 2 * n * n * c
     ffn = 8 * n * c * c
+    # class-token shortcut: the last block has keys/values for all n tokens, the rest for one
+    attn_last = 2 * n * c * c + 2 * c * c + 2 * n * c
+    model.class_token_shortcut = False
     expected = (embed + depth * (attn + ffn) + c * classes) / 1e9
+    assert count_gmacs(model) == pytest.approx(expected, rel=1e-9)
+    model.class_token_shortcut = True
+    expected = (embed + (depth - 1) * (attn + ffn) + attn_last + ffn / n + c * classes) / 1e9
     assert count_gmacs(model) == pytest.approx(expected, rel=1e-9)
     fused = repavit.reparameterize_model(model)
     ffn_fused = 3 * n * c * c  # C x (C + a) and a x C with a = C
+    expected = (embed + (depth - 1) * (attn + ffn_fused) + attn_last + ffn_fused / n + c * classes) / 1e9
+    assert count_gmacs(fused) == pytest.approx(expected, rel=1e-9)
+    fused.class_token_shortcut = False
     assert count_gmacs(fused) == pytest.approx((embed + depth * (attn + ffn_fused) + c * classes) / 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("reparam", [False, True])
+def test_class_token_shortcut_is_exact(dtype, tol, reparam):
+    """The last block run for the class token only gives the logits of the full computation."""
+    model = randomize_params(randomize_bn(timm.create_model("RePaViT_Tiny", depth=3, idle_ratio=0.5)), std=0.05)
+    model = model.to(dtype).eval()
+    if reparam:
+        model = repavit.reparameterize_model(model)
+    x = torch.randn(3, 3, 224, 224, dtype=dtype)
+    with torch.no_grad():
+        full = model.forward_head(model.forward_features(x))
+        fast = model(x)
+        model.class_token_shortcut = False
+        slow = model(x)
+    assert torch.equal(slow, full)
+    assert rel_err(fast, full) < tol
+
+
+def test_class_token_shortcut_only_where_exact():
+    """Training mode (BatchNorm over all tokens) and average pooling take the full path."""
+    model = timm.create_model("RePaViT_Tiny", depth=2)
+    x = torch.randn(2, 3, 224, 224)
+    calls = []
+    handle = model.blocks[-1].attn.register_forward_hook(lambda *a: calls.append("full"))
+    model.train()
+    model(x)
+    model.eval()
+    model.reset_classifier(5, global_pool="avg")
+    with torch.no_grad():
+        model(x)
+    assert calls == ["full", "full"]
+    model.reset_classifier(5, global_pool="token")
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert calls == ["full", "full"]  # the shortcut calls attn.forward_prefix, not attn.forward
 
 
 def test_reparameterized_vit_scripts():

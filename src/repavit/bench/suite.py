@@ -4,9 +4,12 @@ For each model, in one process, with the same weights everywhere:
 
 - inference throughput at a throughput batch and latency at batch 1, for the forms
   ``vanilla`` (timm's plain counterpart), ``train`` (training form, eval mode), ``reparam``
-  (ours), ``reference`` (the authors' three-linear inference FFN), and the deploy paths
-  ``compile`` (torch.compile of ``reparam``), ``int8`` (dynamic quantization) and
-  ``onnxruntime`` (when the ONNX extra is installed);
+  (ours as shipped), ``reparam_all_tokens`` (ours with the class-token shortcut off: every token
+  through every block, the computation the paper and timm's vanilla model do), ``reference``
+  (ours with the authors' three-linear inference FFN swapped in: isolates the FFN structure),
+  ``authors_design`` (the authors' whole inference design: three-linear FFN and every token
+  through every block), and the deploy paths ``compile`` (torch.compile of ``reparam``),
+  ``int8`` (dynamic quantization) and ``onnxruntime`` (when the ONNX extra is installed);
 - training step time (forward + backward + SGD step) for ``vanilla``, ``train`` and ``masked``
   (the authors' masked training FFN);
 - params, GMACs (PyTorch's FLOP counter, attention matmuls included), output agreement with
@@ -42,8 +45,19 @@ from .throughput import count_gmacs, count_params, interleaved_throughput, machi
 
 _logger = logging.getLogger(__name__)
 
-INFERENCE_FORMS = ("vanilla", "train", "reparam", "reference", "compile", "int8", "onnxruntime")
-DEFAULT_FORMS = ("vanilla", "train", "reparam", "reference")
+INFERENCE_FORMS = (
+    "vanilla",
+    "train",
+    "reparam",
+    "reparam_all_tokens",
+    "reference",
+    "authors_design",
+    "compile",
+    "int8",
+    "onnxruntime",
+)
+DEFAULT_FORMS = ("vanilla", "train", "reparam", "reparam_all_tokens", "reference", "authors_design")
+FLOAT_FORMS = ("vanilla", "train", "reparam", "reparam_all_tokens", "reference", "authors_design")
 TRAIN_FORMS = ("vanilla", "train", "masked")
 
 
@@ -74,6 +88,13 @@ def _onnxruntime_runner(model: nn.Module, example: Tensor) -> Callable[[Tensor],
     return run
 
 
+def _all_tokens(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the class-token shortcut off (every token through every block)."""
+    model = copy.deepcopy(model)
+    model.class_token_shortcut = False
+    return model
+
+
 def build_inference_forms(model: nn.Module, forms: Sequence[str], example: Tensor) -> dict[str, Callable]:
     """Callables ``f(x) -> logits`` for each requested form of a training-form ``model``."""
     model = model.eval()
@@ -89,9 +110,13 @@ def build_inference_forms(model: nn.Module, forms: Sequence[str], example: Tenso
             out[form] = model
         elif form == "reparam":
             out[form] = fused
-        elif form == "reference":
+        elif form == "reparam_all_tokens":
+            if getattr(fused, "class_token_shortcut", False):
+                out[form] = _all_tokens(fused)
+        elif form in ("reference", "authors_design"):
             if any(isinstance(m, FusedIdleMlp) for m in fused.modules()):
-                out[form] = with_three_linear_ffn(fused)
+                ref = with_three_linear_ffn(fused)
+                out[form] = ref if form == "reference" else _all_tokens(ref)
         elif form == "compile":
             out[form] = torch.compile(copy.deepcopy(fused))
         elif form == "int8":
@@ -248,7 +273,7 @@ def run_suite(
         entry["reparam_vs_train"] = agreement(ref, train_out)
         for k, f in fns.items():
             info: dict = {}
-            if k in ("vanilla", "train", "reparam", "reference"):  # float modules: counts are meaningful
+            if k in FLOAT_FORMS:  # float modules: counts are meaningful
                 info["params_m"] = count_params(f) / 1e6
                 info["gmacs"] = count_gmacs(f, img_size)
             if k not in ("vanilla", "train"):
@@ -294,8 +319,9 @@ def run_suite(
         med = {k: v["throughput"]["median"] for k, v in entry["forms"].items()}
         base = "vanilla" if "vanilla" in med else "train"
         entry["ratios"] = {f"{k}/{base}": med[k] / med[base] for k in med if k != base}
-        if "reference" in med:
-            entry["ratios"]["reparam/reference"] = med["reparam"] / med["reference"]
+        for other in ("reparam_all_tokens", "reference", "authors_design"):
+            if other in med and "reparam" in med:
+                entry["ratios"][f"reparam/{other}"] = med["reparam"] / med[other]
         results["models"][name] = entry
         print(format_entry(name, entry), flush=True)
     if output:
@@ -382,7 +408,8 @@ def plot_results(results: dict, path: Path) -> None:
         lo = [m - entry["forms"][k]["throughput"]["min"] for m, k in zip(med, forms)]
         hi = [entry["forms"][k]["throughput"]["max"] - m for m, k in zip(med, forms)]
         colors = [
-            "#999999" if k == "vanilla" else "#4C72B0" if k in ("train", "reference") else "#DD8452" for k in forms
+            "#999999" if k == "vanilla" else "#4C72B0" if k in ("train", "reference", "authors_design") else "#DD8452"
+            for k in forms
         ]
         ax.bar(forms, med, yerr=[lo, hi], color=colors, capsize=3)
         base = med[0]

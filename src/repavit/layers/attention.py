@@ -42,3 +42,26 @@ class PreNormAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def forward_prefix(self, x: Tensor, num_queries: int = 1) -> Tensor:
+        """The attention output for the first ``num_queries`` tokens only, attending to all tokens.
+
+        ``forward_prefix(x, n)`` equals ``forward(x)[:, :n]`` (every query row is independent), at
+        the cost of keys and values for all tokens but queries, attention rows and the projection
+        for ``n`` tokens. The class-token shortcut of :class:`repavit.models.RePaViT` uses it.
+        """
+        B, N, C = x.shape
+        h = self.norm(x)
+        qkv = self.qkv
+        if isinstance(qkv, nn.Linear):  # queries for the prefix only
+            w, b = qkv.weight, qkv.bias
+            q = F.linear(h[:, :num_queries], w[:C], None if b is None else b[:C])
+            kv = F.linear(h, w[C:], None if b is None else b[C:])
+        else:  # a swapped-in module (e.g. int8 dynamic Linear) has no weight to slice
+            out = qkv(h)
+            q, kv = out[:, :num_queries, :C], out[..., C:]
+        q = q.reshape(B, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, num_queries, C)
+        return self.proj_drop(self.proj(x))
