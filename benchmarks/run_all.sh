@@ -8,7 +8,8 @@ OUT=benchmarks/results
 mkdir -p "$OUT"
 # RePaViT_Base: every inference form, batch 16 and batch 1, latency breakdown.
 $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 5 --iters 2 \
-    --forms vanilla train reparam reference compile int8 onnxruntime --breakdown \
+    --forms vanilla train reparam reparam_all_tokens reference authors_design compile int8 onnxruntime \
+    --breakdown \
     --output $OUT/vit_base.json --plot $OUT/vit_base.png
 # RePaViT_Small: training step (batch 32) against timm's deit_small and the authors' masked FFN.
 $PY -m repavit bench --models RePaViT_Small --batch-size 16 --rounds 6 --iters 2 --forms vanilla train reparam \
@@ -19,3 +20,7 @@ $PY -m repavit bench --models RePaSwin_Tiny RePaPoolformer_s12 RePaMlpMixer_s16 
 # How the speed-up changes with image size and batch size.
 $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 1 --forms vanilla reparam \
     --no-latency --sweep-sizes 224,384 --sweep-batches 1,16 --output $OUT/vit_base_sweep.json
+# The ceiling on any FFN structure's gain over the authors' three-linear FFN (same GEMM FLOPs).
+$PY benchmarks/ffn_ceiling.py --model RePaViT_Base --batch-size 16 --output $OUT/ffn_ceiling.json
+# int8 on real images: the model `make demo` trains (run `make demo` first).
+if [ -f out/demo/run/checkpoint.pth ]; then $PY benchmarks/int8_agreement.py; fi

@@ -40,3 +40,39 @@ def test_masked_training_reference_has_same_outputs_and_gradients(tiny):
     ga = dict(ours.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(ga[name.replace(".m.", ".")].grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_ffn_gemm_flops_counts_the_class_token_block_once_per_image():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ffn_ceiling.py"
+    spec = importlib.util.spec_from_file_location("ffn_ceiling", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fused = repavit.reparameterize_model(timm.create_model("RePaViT_Tiny", depth=3).eval())
+    c, a, b, n = 192, 192, 4, 197  # idle 0.75: a = C; in_proj is C x (C + a), out_proj a x C
+    per_token = 2 * (c * (c + a) + a * c)
+    assert mod.ffn_gemm_flops(fused, b, n) == per_token * b * (2 * n + 1)
+    fused.class_token_shortcut = False
+    assert mod.ffn_gemm_flops(fused, b, n) == per_token * b * 3 * n
+
+
+@pytest.mark.slow  # ~10 s: a subprocess times a Tiny model and compiles a small C program
+def test_ffn_ceiling_script_writes_its_report(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ceiling.json"
+    argv = [sys.executable, str(root / "benchmarks" / "ffn_ceiling.py"), "--model", "RePaViT_Tiny"]
+    argv += ["--batch-size", "2", "--rounds", "2", "--output", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert 0 < res["reference_time_shares"]["ffn"] < 1
+    assert res["gflops"]["ffn_gemms_only"] > 0 and res["measured_reparam_over_reference"] > 0
+    assert res["ceiling_reparam_over_reference"]["ffn_at_best_gemm_rate"] > 1
+    assert "ceiling with the FFN at the best GEMM rate" in proc.stdout

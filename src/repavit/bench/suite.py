@@ -401,7 +401,8 @@ def plot_results(results: dict, path: Path) -> None:
     except ImportError as e:
         raise RuntimeError("plotting needs matplotlib: pip install 'repavit[bench]'") from e
     models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    width = max(5.5, 0.7 * max(len(e["forms"]) for e in models.values()) + 1.5)
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 4.6), squeeze=False)
     for ax, (name, entry) in zip(axes[0], models.items()):
         forms = list(entry["forms"])
         med = [entry["forms"][k]["throughput"]["median"] for k in forms]
@@ -417,7 +418,7 @@ def plot_results(results: dict, path: Path) -> None:
             ax.text(i, m + h, f"{m / base:.2f}x", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{name} (batch {results['settings']['batch_size']})")
         ax.set_ylabel("images / s (median of interleaved rounds)")
-        ax.tick_params(axis="x", rotation=30)
+        ax.set_xticks(range(len(forms)), forms, rotation=35, ha="right", rotation_mode="anchor")
     m = results["machine"]
     fig.suptitle(f"{m['cpu']} · {m['torch_threads']} threads · torch {m['torch']}", fontsize=9)
     fig.tight_layout()
