@@ -76,3 +76,31 @@ def test_ffn_ceiling_script_writes_its_report(tmp_path):
     assert res["gflops"]["ffn_gemms_only"] > 0 and res["measured_reparam_over_reference"] > 0
     assert res["ceiling_reparam_over_reference"]["ffn_at_best_gemm_rate"] > 1
     assert "ceiling with the FFN at the best GEMM rate" in proc.stdout
+
+
+def test_peak_memory_counts_live_tensors_only():
+    """10 MiB and 5 MiB alive together, then freed, then 12 MiB alone: the peak is 15 MiB."""
+    from repavit.bench import peak_memory_mb
+
+    existing = torch.zeros(8 * 2**20 // 4)  # allocated before: not counted
+
+    def fn():
+        a = torch.empty(10 * 2**20 // 4)
+        b = torch.empty(5 * 2**20 // 4)
+        del a, b
+        c = torch.empty(12 * 2**20 // 4)
+        return c.sum() + existing[0]
+
+    assert peak_memory_mb(fn) == pytest.approx(15.0, abs=0.01)
+
+
+def test_peak_memory_of_reparameterized_model_is_lower():
+    """The fused FFN's hidden buffers are (C + a) and a wide instead of 4C: less activation memory."""
+    from repavit.bench import peak_memory_mb
+
+    model = timm.create_model("RePaViT_Tiny", depth=2).eval()
+    fused = repavit.reparameterize_model(model)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        train_mb, fused_mb = peak_memory_mb(lambda: model(x)), peak_memory_mb(lambda: fused(x))
+    assert 0 < fused_mb < train_mb

@@ -91,6 +91,9 @@ def test_bench_writes_json_plot_and_ratios(tmp_path, capsys):
     for form in ("reparam_all_tokens", "reference", "authors_design"):
         assert entry["forms"][form]["agreement_with_reparam"]["max_rel_err"] < 1e-5
     # the class-token shortcut does less work than the full computation, which is the paper's count
+    mem = {k: v["peak_memory_mb"] for k, v in entry["forms"].items()}
+    assert all(m is not None and m > 0 for m in mem.values()), mem
+    assert set(entry["train_step_peak_memory_mb"]) == {"vanilla", "train", "masked"}
     gm = {k: v["gmacs"] for k, v in entry["forms"].items() if "gmacs" in v}
     assert gm["reparam"] == gm["reference"] < gm["reparam_all_tokens"] == gm["authors_design"] < gm["vanilla"]
     assert entry["forms"]["reparam"]["params_m"] < entry["forms"]["train"]["params_m"]

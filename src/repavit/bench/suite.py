@@ -12,6 +12,8 @@ For each model, in one process, with the same weights everywhere:
   ``int8`` (dynamic quantization) and ``onnxruntime`` (when the ONNX extra is installed);
 - training step time (forward + backward + SGD step) for ``vanilla``, ``train`` and ``masked``
   (the authors' masked training FFN);
+- peak memory of each inference form and of each training step (tensors allocated while it runs:
+  the activations; see :func:`peak_memory_mb`);
 - params, GMACs (PyTorch's FLOP counter, attention matmuls included), output agreement with
   ``reparam`` (max relative error; logit cosine similarity and top-1 agreement for int8);
 - optionally the latency breakdown (patch embedding / attention / FFN / other) and a sweep of
@@ -41,7 +43,15 @@ from ..layers.attention import PreNormAttention
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
 from ..models._factory import reparameterize_model
 from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
-from .throughput import count_gmacs, count_params, interleaved_throughput, machine_info, summarize, vanilla_counterpart
+from .throughput import (
+    count_gmacs,
+    count_params,
+    interleaved_throughput,
+    machine_info,
+    peak_memory_mb,
+    summarize,
+    vanilla_counterpart,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -169,6 +179,27 @@ def train_step_times(
     return {k: [batch_size / v for v in vals] for k, vals in ips.items()}
 
 
+def train_step_peak_memory(
+    models: dict[str, nn.Module], batch_size: int, img_size: int, device: torch.device
+) -> dict[str, float | None]:
+    """Peak memory (MiB) of one training step per model: activations kept for backward, gradients."""
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    out = {}
+    for k, m in models.items():
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+
+        def step(m=m, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y % m.num_classes if hasattr(m, "num_classes") else y).backward()
+            opt.step()
+
+        step()
+        out[k] = peak_memory_mb(step, device)
+    return out
+
+
 # ---- latency breakdown -----------------------------------------------------------------------
 def _category(module: nn.Module) -> str | None:
     from timm.layers import PatchEmbed
@@ -279,6 +310,10 @@ def run_suite(
             if k not in ("vanilla", "train"):
                 with torch.no_grad():
                     info["agreement_with_reparam"] = agreement(f(x), ref)
+            if k != "onnxruntime":  # ONNX Runtime allocates outside PyTorch
+                with torch.no_grad():
+                    f(x)  # warm (first-call workspaces, compilation) before measuring
+                    info["peak_memory_mb"] = peak_memory_mb(lambda f=f, x=x: f(x), dev)
             entry["forms"][k] = info
         with torch.no_grad():
             t = interleaved_throughput(
@@ -300,6 +335,7 @@ def run_suite(
             if v is not None:
                 tmodels = {"vanilla": v.to(dev), **tmodels}
             st = train_step_times(tmodels, train_batch_size, img_size, max(3, rounds // 2), 1, dev)
+            entry["train_step_peak_memory_mb"] = train_step_peak_memory(tmodels, train_batch_size, img_size, dev)
             entry["train_step_s"] = {k: summarize(v) for k, v in st.items()}
             med = {k: v["median"] for k, v in entry["train_step_s"].items()}
             entry["train_step_ratios"] = {f"{k}/train": med[k] / med["train"] for k in med if k != "train"}
@@ -366,22 +402,27 @@ def format_entry(name: str, entry: dict) -> str:
     lines = [
         f"{name}  (reparam vs train: max rel err {a['max_rel_err']:.2e})",
         f"  {'form':<22}{'params(M)':>10}{'GMACs':>8}{'img/s med':>11}{'[min':>9}{'max]':>9}{'lat ms':>9}"
-        f"{'rel err':>10}",
+        f"{'peak MiB':>10}{'rel err':>10}",
     ]
     for k, v in entry["forms"].items():
         t = v["throughput"]
         lat = v.get("latency_ms", {}).get("median")
         err = v.get("agreement_with_reparam", {}).get("max_rel_err")
+        mem = v.get("peak_memory_mb")
         lines.append(
             f"  {k:<22}{v.get('params_m', float('nan')):>10.2f}{v.get('gmacs', float('nan')):>8.2f}"
             f"{t['median']:>11.1f}{t['min']:>9.1f}{t['max']:>9.1f}"
-            f"{'' if lat is None else f'{lat:9.1f}':>9}{'' if err is None else f'{err:10.1e}':>10}"
+            f"{'' if lat is None else f'{lat:9.1f}':>9}{'' if mem is None else f'{mem:10.1f}':>10}"
+            f"{'' if err is None else f'{err:10.1e}':>10}"
         )
     lines.append("  throughput ratios: " + ", ".join(f"{k} = {r:.3f}x" for k, r in entry["ratios"].items()))
     if "train_step_s" in entry:
         ts = ", ".join(f"{k} {v['median']:.3f}s" for k, v in entry["train_step_s"].items())
         tr = ", ".join(f"{k} = {r:.3f}x" for k, r in entry["train_step_ratios"].items())
         lines.append(f"  train step (median): {ts}; time ratios: {tr}")
+        mems = entry.get("train_step_peak_memory_mb", {})
+        if any(v is not None for v in mems.values()):
+            lines.append("  train step peak memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mems.items() if v))
     for k, shares in entry.get("breakdown", {}).items():
         lines.append(f"  breakdown {k}: " + ", ".join(f"{c} {100 * s:.1f}%" for c, s in shares.items()))
     for row in entry.get("sweep", []):

@@ -1,4 +1,4 @@
-"""Timing and counting primitives: interleaved throughput, GMACs, parameters, machine info.
+"""Timing and counting primitives: interleaved throughput, peak memory, GMACs, parameters, machine info.
 
 Single timings on a shared CPU drift by tens of percent between runs, so every variant of a model
 is timed in the same process, interleaved round by round (the order rotates each round), after a
@@ -50,6 +50,45 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> flo
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu") -> float | None:
+    """Peak memory (MiB) of the tensors ``fn`` allocates while it runs, above what existed before.
+
+    Weights and inputs that exist beforehand are not counted: this is the activation (and, for a
+    training step, gradient and optimizer-state) footprint. CUDA: the caching allocator's peak
+    (``max_memory_allocated``). CPU: PyTorch's profiler memory timeline, which records every
+    allocation and free of the CPU allocator, so the number is deterministic (RSS would depend on
+    what the C allocator kept from earlier work). Memory that does not go through PyTorch's
+    allocator (ONNX Runtime, BLAS workspaces) is not seen; returns None if the profiler cannot
+    give a timeline.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+            fn()
+        timeline = p._memory_profile().timeline
+    except Exception as e:  # a private API: degrade to "not measured" rather than fail the benchmark
+        _logger.warning("peak memory not measured: %s", e)
+        return None
+    live = peak = 0
+    for _t, action, _key, size in timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def count_params(model: nn.Module) -> int:
