@@ -7,10 +7,12 @@ warm-up; the report gives the median images/s with its spread, and ratios of med
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -52,6 +54,20 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> flo
     return counter.get_total_flops() / 2 / 1e9
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for the duration (Python exceptions are unaffected)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu") -> float | None:
     """Peak memory (MiB) of the tensors ``fn`` allocates while it runs, above what existed before.
 
@@ -75,9 +91,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
         from torch.profiler import ProfilerActivity, profile
         from torch.profiler._memory_profiler import Action
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
-            fn()
-        timeline = p._memory_profile().timeline
+        with _native_stderr_silenced():  # the profiler's C++ side prints start/stop lines on stderr
+            with profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+            ) as p:
+                fn()
+            timeline = p._memory_profile().timeline
     except Exception as e:  # a private API: degrade to "not measured" rather than fail the benchmark
         _logger.warning("peak memory not measured: %s", e)
         return None
