@@ -221,3 +221,33 @@ def test_vanilla_counterpart_matches_timm_poolformer_but_pool_size():
     assert [(k, v.shape) for k, v in vanilla.state_dict().items()] == [
         (k, v.shape) for k, v in reference.state_dict().items()
     ]
+
+
+@pytest.mark.parametrize("idle", [0.0, 0.5, 0.75, 1.0])
+def test_conv_ffn_training_matches_token_ffn(idle):
+    """Train mode (batch statistics): outputs, gradients and running statistics equal the token FFN's.
+
+    The NCHW FFN keeps active and idle channels apart (no concatenation) when 0 < a < h; the token FFN
+    is checked against the straightforward masked formulation in test_layers.
+    """
+    torch.manual_seed(0)
+    conv = ChannelIdleConvMlp(8, 32, idle_ratio=idle, layer_scale_init_value=None, rounding="ceil")
+    conv = randomize_params(randomize_bn(conv), std=0.3).double().train()
+    tok = ChannelIdleMlp(8, 32, idle_ratio=idle).double().train()
+    tok.load_state_dict({k: (v.flatten(1) if v.dim() == 4 else v) for k, v in conv.state_dict().items()})
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    xc, xt = x.clone().requires_grad_(), x.permute(0, 2, 3, 1).clone().requires_grad_()
+    yc, yt = conv(xc), tok(xt)
+    torch.testing.assert_close(yc, yt.permute(0, 3, 1, 2), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(yc)
+    yc.backward(g)
+    yt.backward(g.permute(0, 2, 3, 1))
+    torch.testing.assert_close(xc.grad, xt.grad.permute(0, 3, 1, 2), rtol=1e-10, atol=1e-12)
+    grads_t = dict(tok.named_parameters())
+    for name, p in conv.named_parameters():
+        torch.testing.assert_close(
+            p.grad.flatten(1) if p.dim() == 4 else p.grad, grads_t[name].grad, rtol=1e-10, atol=1e-12
+        )
+    bufs_t = dict(tok.named_buffers())
+    for name, b in conv.named_buffers():
+        torch.testing.assert_close(b, bufs_t[name], rtol=1e-12, atol=1e-12, msg=name)

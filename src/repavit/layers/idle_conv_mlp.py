@@ -23,7 +23,7 @@ from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
-from .idle_mlp import active_channels, check_feature_norm, check_idle_ratio
+from .idle_mlp import active_channels, channel_group_batch_norm, check_feature_norm, check_idle_ratio
 
 __all__ = ["ChannelIdleConvMlp", "FusedIdleConvMlp"]
 
@@ -82,16 +82,35 @@ class ChannelIdleConvMlp(nn.Module):
         return f"act_dim={self.act_dim}/{self.hidden_dim}, feature_norm={self.feature_norm}"
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.fc1(self.norm1(x))  # (B, h, H, W)
+        u = self.norm1(x)
         a = self.act_dim
-        if a == self.hidden_dim:
-            z = self.act(z)
-        elif a > 0:
-            z = torch.cat((self.act(z[:, :a]), z[:, a:]), dim=1)
-        y = self.fc2(self.norm2(z))  # (B, C, H, W)
+        if 0 < a < self.hidden_dim and type(self.norm2) is nn.BatchNorm2d:
+            y = self._split_hidden(u)
+        else:  # LayerNorm form, nothing / everything idle, or a converted norm (e.g. SyncBatchNorm)
+            z = self.fc1(u)  # (B, h, H, W)
+            if a == self.hidden_dim:
+                z = self.act(z)
+            elif a > 0:
+                z = torch.cat((self.act(z[:, :a]), z[:, a:]), dim=1)
+            y = self.fc2(self.norm2(z))  # (B, C, H, W)
         if self.ls is not None:
             y = y * self.ls[:, None, None]
         return x + self.drop_path(y)
+
+    def _split_hidden(self, u: Tensor) -> Tensor:
+        """The hidden layer as two channel groups, never concatenated (see ``ChannelIdleMlp``).
+
+        Active and idle channels go through their own output channels of fc1, their own channels of
+        BN2 (same statistics and running-stat updates as one BatchNorm2d over all ``h``) and their
+        own input channels of fc2; the two products are summed. This saves the ``(B, h, H, W)``
+        concatenation, four times the size of the ``(B, C, H, W)`` add that replaces it.
+        """
+        a = self.act_dim
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        norm = channel_group_batch_norm(self.norm2)
+        active = norm(self.act(F.conv2d(u, w1[:a], None if b1 is None else b1[:a])), slice(0, a))
+        idle = norm(F.conv2d(u, w1[a:], None if b1 is None else b1[a:]), slice(a, None))
+        return F.conv2d(active, w2[:, :a], b2) + F.conv2d(idle, w2[:, a:])
 
     # ---- reparameterization -------------------------------------------------------------
     def fold(self) -> FoldedIdleFFN:

@@ -19,7 +19,7 @@ activated branch straight into the linear branch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,22 +154,9 @@ class ChannelIdleMlp(nn.Module):
         BatchNorm over all ``h`` channels), and their own columns of fc2, accumulated into one output.
         This saves the ``(B*N, h)`` copy that joining the two groups would cost in every forward.
         """
-        a, bn = self.act_dim, self.norm2
+        a = self.act_dim
         w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        use_batch_stats = bn.training or bn.running_mean is None
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm1d does
-                momentum = 1.0 / float(bn.num_batches_tracked)
-
-        def norm(z: Tensor, s: slice) -> Tensor:
-            rm = None if bn.running_mean is None else bn.running_mean[s]
-            rv = None if bn.running_var is None else bn.running_var[s]
-            w = None if bn.weight is None else bn.weight[s]
-            b = None if bn.bias is None else bn.bias[s]
-            return F.batch_norm(z, rm, rv, w, b, use_batch_stats, momentum, bn.eps)
-
+        norm = channel_group_batch_norm(self.norm2)
         active = norm(self.act(F.linear(u, w1[:a], None if b1 is None else b1[:a])), slice(0, a))  # (M, a)
         idle = norm(F.linear(u, w1[a:], None if b1 is None else b1[a:]), slice(a, None))  # (M, h - a)
         y = F.linear(active, w2[:, :a], b2)  # (M, C)
@@ -314,6 +301,30 @@ class FusedIdleMlp(nn.Module):
         if not self.has_linear:
             return x2 + self.out_proj(self.act(t))
         return t[:, : self.dim] + self.out_proj(self.act(t[:, self.dim :]))
+
+
+def channel_group_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor, slice], Tensor]:
+    """``norm(z, s)``: ``bn`` applied to ``z``, the channels ``s`` of its input (channel axis 1).
+
+    Uses views of ``bn``'s parameters and running statistics, so normalizing the channel groups
+    separately computes and updates exactly what one call on the concatenated channels would.
+    Call this once per forward: in training it advances ``num_batches_tracked`` once.
+    """
+    use_batch_stats = bn.training or bn.running_mean is None
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm does
+            momentum = 1.0 / float(bn.num_batches_tracked)
+
+    def norm(z: Tensor, s: slice) -> Tensor:
+        rm = None if bn.running_mean is None else bn.running_mean[s]
+        rv = None if bn.running_var is None else bn.running_var[s]
+        w = None if bn.weight is None else bn.weight[s]
+        b = None if bn.bias is None else bn.bias[s]
+        return F.batch_norm(z, rm, rv, w, b, use_batch_stats, momentum, bn.eps)
+
+    return norm
 
 
 def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
