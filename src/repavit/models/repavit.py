@@ -110,8 +110,8 @@ class RePaViT(ReparamMixin, nn.Module):
             checkpoints); such a model cannot be trained.
         class_token_shortcut: in inference (eval mode) with ``global_pool="token"``, ``forward``
             runs the last block for the class token only: its keys and values still come from every
-            token, but the queries, attention rows, projection, FFN and final norm of the other 196
-            tokens, which the head never reads, are skipped. The logits are the same (every token's
+            token, but the queries, attention rows, projection, FFN and final norm of the other
+            tokens (196 at 224 px), which the head never reads, are skipped. The logits are the same (every token's
             row is computed independently; tests check it against the full computation), and
             RePaViT_Base does about 6% fewer multiply-adds. ``forward_features`` and
             ``forward_intermediates`` always return every token. Set the attribute to False to run
