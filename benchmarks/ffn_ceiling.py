@@ -22,7 +22,6 @@ Usage: python benchmarks/ffn_ceiling.py [--model RePaViT_Base] [--batch-size 16]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ import torch
 
 import repavit
 from repavit.bench.reference import with_three_linear_ffn
-from repavit.bench.suite import latency_breakdown
+from repavit.bench.suite import atomic_write_json, latency_breakdown
 from repavit.bench.throughput import interleaved_throughput, machine_info, summarize
 from repavit.layers.idle_mlp import FusedIdleMlp
 
@@ -145,10 +144,7 @@ def main() -> None:
         },
     }
     out_path = Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_path)
+    atomic_write_json(out_path, result)
     print(f"{args.model} batch {B}: reparam/reference measured {result['measured_reparam_over_reference']:.3f}x")
     print(f"  FFN share of the reference model's time: {100 * shares['ffn']:.1f}%")
     print("  FFN one block (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ffn_module_ms"].items()))

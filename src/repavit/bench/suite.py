@@ -66,8 +66,9 @@ INFERENCE_FORMS = (
     "int8",
     "onnxruntime",
 )
-DEFAULT_FORMS = ("vanilla", "train", "reparam", "reparam_all_tokens", "reference", "authors_design")
+# Forms that are plain float PyTorch modules (params and GMACs are meaningful); also the default set.
 FLOAT_FORMS = ("vanilla", "train", "reparam", "reparam_all_tokens", "reference", "authors_design")
+DEFAULT_FORMS = FLOAT_FORMS
 TRAIN_FORMS = ("vanilla", "train", "masked")
 
 
@@ -155,16 +156,15 @@ def agreement(y: Tensor, ref: Tensor) -> dict:
 
 
 # ---- training step -----------------------------------------------------------------------------
-def train_step_times(
-    models: dict[str, nn.Module], batch_size: int, img_size: int, rounds: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds per training step (forward + backward + SGD step), interleaved across models."""
+def _train_steps(
+    models: dict[str, nn.Module], batch_size: int, img_size: int, device: torch.device
+) -> dict[str, Callable[[], None]]:
+    """One callable per model doing forward + backward + SGD step on a fixed random batch (train mode)."""
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in models.items()}
 
-    def step(k: str) -> Callable[[], None]:
-        m, opt = models[k], opts[k]
+    def make(m: nn.Module) -> Callable[[], None]:
+        opt = torch.optim.SGD(m.parameters(), lr=1e-4)
 
         def run() -> None:
             opt.zero_grad(set_to_none=True)
@@ -175,7 +175,15 @@ def train_step_times(
 
     for m in models.values():
         m.train()
-    ips = interleaved_throughput({k: step(k) for k in models}, batch_size, rounds, 1, warmup, device)
+    return {k: make(m) for k, m in models.items()}
+
+
+def train_step_times(
+    models: dict[str, nn.Module], batch_size: int, img_size: int, rounds: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per training step (forward + backward + SGD step), interleaved across models."""
+    steps = _train_steps(models, batch_size, img_size, device)
+    ips = interleaved_throughput(steps, batch_size, rounds, 1, warmup, device)
     return {k: [batch_size / v for v in vals] for k, vals in ips.items()}
 
 
@@ -183,19 +191,9 @@ def train_step_peak_memory(
     models: dict[str, nn.Module], batch_size: int, img_size: int, device: torch.device
 ) -> dict[str, float | None]:
     """Peak memory (MiB) of one training step per model: activations kept for backward, gradients."""
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
     out = {}
-    for k, m in models.items():
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-
-        def step(m=m, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y % m.num_classes if hasattr(m, "num_classes") else y).backward()
-            opt.step()
-
-        step()
+    for k, step in _train_steps(models, batch_size, img_size, device).items():
+        step()  # warm: first-call workspaces, gradient buffers
         out[k] = peak_memory_mb(step, device)
     return out
 
@@ -307,12 +305,11 @@ def run_suite(
             if k in FLOAT_FORMS:  # float modules: counts are meaningful
                 info["params_m"] = count_params(f) / 1e6
                 info["gmacs"] = count_gmacs(f, img_size)
-            if k not in ("vanilla", "train"):
-                with torch.no_grad():
-                    info["agreement_with_reparam"] = agreement(f(x), ref)
-            if k != "onnxruntime":  # ONNX Runtime allocates outside PyTorch
-                with torch.no_grad():
-                    f(x)  # warm (first-call workspaces, compilation) before measuring
+            with torch.no_grad():
+                y = f(x)  # also warms up (first-call workspaces, compilation) before the memory measurement
+                if k not in ("vanilla", "train"):
+                    info["agreement_with_reparam"] = agreement(y, ref)
+                if k != "onnxruntime":  # ONNX Runtime allocates outside PyTorch
                     info["peak_memory_mb"] = peak_memory_mb(lambda f=f, x=x: f(x), dev)
             entry["forms"][k] = info
         with torch.no_grad():
@@ -361,7 +358,7 @@ def run_suite(
         results["models"][name] = entry
         print(format_entry(name, entry), flush=True)
     if output:
-        _atomic_write_json(Path(output), results)
+        atomic_write_json(Path(output), results)
         print(f"wrote {output}")
     if plot:
         plot_results(results, Path(plot))
@@ -390,7 +387,8 @@ def sweep(name, sizes, batches, rounds, iters, warmup, dev, **model_kwargs) -> l
     return rows
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
+def atomic_write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON through a temporary file and a rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
