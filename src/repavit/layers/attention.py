@@ -36,11 +36,16 @@ class PreNormAttention(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
+        return self._attend(q, k, v)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention of ``q`` (B, heads, n, head_dim) over ``k``, ``v``, projected: (B, n, C)."""
+        B, _, n, _ = q.shape
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = x.transpose(1, 2).reshape(B, n, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(x))
 
     def forward_prefix(self, x: Tensor, num_queries: int = 1) -> Tensor:
@@ -62,6 +67,4 @@ class PreNormAttention(nn.Module):
             q, kv = out[:, :num_queries, :C], out[..., C:]
         q = q.reshape(B, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, num_queries, C)
-        return self.proj_drop(self.proj(x))
+        return self._attend(q, k, v)

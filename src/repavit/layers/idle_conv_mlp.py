@@ -23,7 +23,13 @@ from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
-from .idle_mlp import active_channels, channel_group_batch_norm, check_feature_norm, check_idle_ratio
+from .idle_mlp import (
+    active_channels,
+    channel_group_batch_norm,
+    check_feature_norm,
+    check_idle_ratio,
+    partial_activation,
+)
 
 __all__ = ["ChannelIdleConvMlp", "FusedIdleConvMlp"]
 
@@ -87,12 +93,7 @@ class ChannelIdleConvMlp(nn.Module):
         if 0 < a < self.hidden_dim and type(self.norm2) is nn.BatchNorm2d:
             y = self._split_hidden(u)
         else:  # LayerNorm form, nothing / everything idle, or a converted norm (e.g. SyncBatchNorm)
-            z = self.fc1(u)  # (B, h, H, W)
-            if a == self.hidden_dim:
-                z = self.act(z)
-            elif a > 0:
-                z = torch.cat((self.act(z[:, :a]), z[:, a:]), dim=1)
-            y = self.fc2(self.norm2(z))  # (B, C, H, W)
+            y = self.fc2(self.norm2(partial_activation(self.fc1(u), self.act, a)))  # (B, C, H, W)
         if self.ls is not None:
             y = y * self.ls[:, None, None]
         return x + self.drop_path(y)

@@ -127,13 +127,7 @@ class ChannelIdleMlp(nn.Module):
         return f"act_dim={self.act_dim}/{self.hidden_dim}, feature_norm={self.feature_norm}"
 
     def _partial_act(self, z: Tensor) -> Tensor:
-        a, h = self.act_dim, self.hidden_dim
-        if a == h:
-            return self.act(z)
-        if a == 0:
-            return z
-        # GELU only where it applies; no mask, no activation computed on idle channels.
-        return torch.cat((self.act(z[:, :a]), z[:, a:]), dim=1)
+        return partial_activation(z, self.act, self.act_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -301,6 +295,20 @@ class FusedIdleMlp(nn.Module):
         if not self.has_linear:
             return x2 + self.out_proj(self.act(t))
         return t[:, : self.dim] + self.out_proj(self.act(t[:, self.dim :]))
+
+
+def partial_activation(z: Tensor, act: Callable[[Tensor], Tensor], act_dim: int) -> Tensor:
+    """``act`` on the first ``act_dim`` channels of ``z`` (axis 1), the rest unchanged.
+
+    No mask and no activation computed on idle channels. Works for ``(M, h)`` tokens and
+    ``(B, h, H, W)`` maps alike.
+    """
+    h = z.shape[1]
+    if act_dim == h:
+        return act(z)
+    if act_dim == 0:
+        return z
+    return torch.cat((act(z[:, :act_dim]), z[:, act_dim:]), dim=1)
 
 
 def channel_group_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor, slice], Tensor]:

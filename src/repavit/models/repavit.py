@@ -287,9 +287,7 @@ class RePaViT(ReparamMixin, nn.Module):
             raise ValueError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NLC'")
         taken, max_index = take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        x = self.patch_embed(x)  # (B, N, C)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        x = self.norm_pre(self.pos_drop(x + self.pos_embed))
+        x = self._embed(x)
         intermediates = []
         for i, blk in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
             x = blk(x)
