@@ -20,7 +20,8 @@ from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 
 import repavit
 from repavit.cli.main import main as cli
-from repavit.export import OrtModel, load_model
+from repavit.export import OrtModel
+from repavit.models import load_model
 
 from golden import authors_state_dict
 from helpers import randomize_bn, randomize_params, rel_err
@@ -94,7 +95,8 @@ def test_three_commands_from_authors_pth_to_onnx(tmp_path, capsys, trained, trai
     assert float(np.abs(got - ref).max() / np.abs(ref).max()) <= 1e-4
 
 
-def test_convert_released_weights_uses_release_settings(tmp_path, capsys):
+def test_convert_record_less_training_form_needs_the_idle_ratio(tmp_path, capsys, caplog):
+    """A record-less training-form file that is not shaped like a release: its idle ratio must be given."""
     sd = authors_state_dict("RePaViT_Tiny")
     sd = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= 2)}
     src = tmp_path / "RePaViT_Tiny.pth"
@@ -111,8 +113,13 @@ def test_convert_released_weights_uses_release_settings(tmp_path, capsys):
         "-o",
         tmp_path / "c",
     ]
-    code, out, _ = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "records no model settings" in err and "--idle-ratio R" in err and "--no-channel-idle" in err
+    assert not (tmp_path / "c.safetensors").exists()
+    code, out, err = run(capsys, *argv, "--idle-ratio", "0.5")
     assert code == 0, out
+    assert "assuming heuristic=static" in caplog.text  # the one setting still assumed is said
     loaded = load_model(tmp_path / "c.safetensors")
     assert loaded.model_args["idle_ratio"] == 0.5 and loaded.model.blocks[0].mlp.act_dim == 384
     assert torch.equal(loaded.model.blocks[1].mlp.fc1.weight, sd["blocks.1.mlp.fc1.weight"])
@@ -129,7 +136,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, training_checkpoint):
     code, _, err = run(
         capsys, "convert", training_checkpoint, "--idle-ratio", "0.75", "--model-arg", "depth=2", "-o", "o"
     )
-    assert code == 2 and "records idle_ratio=0.5 but idle_ratio=0.75" in err
+    assert code == 2 and "trained with idle_ratio=0.5, --idle-ratio 0.75 was given" in err
     code, _, _ = run(capsys, "reparam", training_checkpoint, "--model-arg", "depth=2", "-o", tmp_path / "d")
     assert code == 0
     code, _, err = run(capsys, "reparam", tmp_path / "d.safetensors", "-o", tmp_path / "d2")

@@ -19,15 +19,12 @@ from repavit.export import (
     OrtModel,
     export_onnx,
     export_torchscript,
-    load_model,
     ort_forward,
-    read_config,
     read_onnx_metadata,
-    save_checkpoint,
     save_hub_folder,
     tensor_bytes,
 )
-from repavit.models import CheckpointMismatchError
+from repavit.models import CheckpointMismatchError, load_model, open_checkpoint, record_of, save_checkpoint
 
 from golden import authors_state_dict
 from helpers import randomize_bn, randomize_params, rel_err
@@ -79,31 +76,32 @@ def authors_fused_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("form", ["training", "fused"])
 def test_checkpoint_round_trip(tmp_path, trained, fused, form):
     model = trained if form == "training" else fused
-    weights, config_path = save_checkpoint(model, tmp_path / "ckpt", "RePaViT_Tiny")
+    weights, config_path = save_checkpoint(tmp_path / "ckpt", model.state_dict(), record_of(model, "RePaViT_Tiny"))
     assert weights.name == "ckpt.safetensors" and config_path.name == "ckpt.json"
     config = json.loads(config_path.read_text())
     assert config["model_name"] == "RePaViT_Tiny" and config["reparameterized"] == (form == "fused")
     assert config["model_args"]["idle_ratio"] == 0.5 and config["model_args"]["depth"] == 2
-    assert config["tensor_bytes"] == tensor_bytes(model)
+    assert config["tensor_bytes"] == tensor_bytes(model) and config["format"] == "repavit-model"
     loaded = load_model(weights)
     assert loaded.reparameterized == (form == "fused") and loaded.model_args == config["model_args"]
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x()), model(x()), rtol=0, atol=0)
     # the config also lives in the safetensors header: the weight file alone is enough
     config_path.unlink()
-    assert read_config(weights)["model_args"] == config["model_args"]
+    assert open_checkpoint(weights).record.model_args == config["model_args"]
     assert load_model(weights).model.blocks[0].mlp.act_dim == 384
 
 
 def test_checkpoint_config_guards_settings(tmp_path, trained):
-    weights, _ = save_checkpoint(trained, tmp_path / "ckpt", "RePaViT_Tiny")
-    with pytest.raises(CheckpointMismatchError, match=r"records idle_ratio=0\.5 but idle_ratio=0\.75"):
+    weights, _ = save_checkpoint(tmp_path / "ckpt", trained.state_dict(), record_of(trained, "RePaViT_Tiny"))
+    with pytest.raises(CheckpointMismatchError, match=r"trained with idle_ratio=0\.5, idle_ratio=0\.75 was given"):
         load_model(weights, idle_ratio=0.75)
 
 
 def test_deploy_checkpoint_loads_strictly_with_create_model(tmp_path, trained, fused):
-    loaded = load_model(save_checkpoint(trained, tmp_path / "train", "RePaViT_Tiny")[0], reparameterized=True)
-    weights, _ = save_checkpoint(loaded.model, tmp_path / "deploy", loaded.model_name, loaded.model_args)
+    train_file = save_checkpoint(tmp_path / "train", trained.state_dict(), record_of(trained, "RePaViT_Tiny"))[0]
+    loaded = load_model(train_file, reparameterized=True)
+    weights, _ = save_checkpoint(tmp_path / "deploy", loaded.model.state_dict(), loaded.record)
     model = repavit.create_model("RePaViT_Tiny", checkpoint_path=weights, reparameterized=True, **loaded.model_args)
     assert model.reparameterized
     with torch.no_grad():
@@ -163,7 +161,8 @@ def test_base_sizes_before_and_after_on_meta_device():
 @pytest.mark.parametrize("form", ["training", "fused"])
 def test_hub_folder_loads_with_local_dir(tmp_path, trained, fused, form):
     model = trained if form == "training" else fused
-    out = save_hub_folder(model, tmp_path / "repo", "RePaViT_Tiny", numbers={"params_m": 1.23, "gmacs": 0.004})
+    record = record_of(model, "RePaViT_Tiny")
+    out = save_hub_folder(model, tmp_path / "repo", record, numbers={"params_m": 1.23, "gmacs": 0.004})
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "RePaViT_Tiny"

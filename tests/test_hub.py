@@ -19,7 +19,7 @@ import torch
 
 import repavit
 from repavit.export import save_hub_folder
-from repavit.models import CheckpointMismatchError, load_checkpoint
+from repavit.models import CheckpointMismatchError, load_checkpoint, record_of
 from repavit.models._pretrained import HF_HUB_ID, RELEASED, released_weights
 
 from golden import authors_state_dict
@@ -170,7 +170,7 @@ def test_hf_hub_prefix_against_cached_folder(tmp_path, offline):
     """A folder written by save_hub_folder, served from the cache as a Hub repository."""
     sd = authors_tiny()
     fused = repavit.reparameterize_model(reference(sd))
-    folder = save_hub_folder(fused, tmp_path / "folder", "RePaViT_Tiny", numbers={"note": "test"})
+    folder = save_hub_folder(fused, tmp_path / "folder", record_of(fused, "RePaViT_Tiny"), numbers={"note": "test"})
     files = {p.name: p for p in folder.iterdir()}
     seed_hf_cache(tmp_path / "hf", "someone/repavit-tiny-test", files)
     model = timm.create_model("hf-hub:someone/repavit-tiny-test", pretrained=True, cache_dir=tmp_path / "hf")
@@ -199,6 +199,7 @@ def test_torch_hub_load_local(tmp_path):
         checkpoint_path=str(path),
         reparameterized=True,
         num_classes=10,
+        idle_ratio=0.75,  # a bare state dict records no settings
         **SMALL,
     )
     assert fused.reparameterized

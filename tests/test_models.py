@@ -127,12 +127,14 @@ def test_timm_reparameterize_and_fused_round_trip(name, tmp_path):
         # training-form state dict round trip
         path2 = tmp_path / "train.pth"
         torch.save({"model": model.state_dict()}, path2)
-        again = repavit.create_model(name, checkpoint_path=path2, num_classes=10, **SMALL[family_of(name)]).eval()
+        # a bare training-form state dict records no idle ratio and its shapes cannot tell it: it must be given
+        with pytest.raises(repavit.CheckpointMismatchError, match="records no model settings"):
+            repavit.create_model(name, checkpoint_path=path2, num_classes=10, **SMALL[family_of(name)])
+        kw = dict(num_classes=10, idle_ratio=0.75, **SMALL[family_of(name)])
+        again = repavit.create_model(name, checkpoint_path=path2, **kw).eval()
         torch.testing.assert_close(again(x), ref, rtol=0, atol=0)
         # a training-form checkpoint can also be asked for in fused form directly
-        fused_from_train = repavit.create_model(
-            name, checkpoint_path=path2, reparameterized=True, num_classes=10, **SMALL[family_of(name)]
-        )
+        fused_from_train = repavit.create_model(name, checkpoint_path=path2, reparameterized=True, **kw)
         assert rel_err(fused_from_train(x), ref) <= 1e-5
 
 

@@ -17,9 +17,9 @@ import torch
 
 import repavit
 from repavit.cli.main import main as cli
-from repavit.export import load_model
+from repavit.models import load_model
 from repavit.models import read_checkpoint, unwrap_state_dict
-from repavit.models._checkpoint import SAFE_GLOBALS
+from repavit.models.checkpoint import SAFE_GLOBALS
 
 SMALL = dict(img_size=32, depth=1, num_classes=10)
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..layers.attention import PreNormAttention
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
-from ..models._factory import reparameterize_model
+from ..models import reparameterize_model
 from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
 from .throughput import (
     count_gmacs,

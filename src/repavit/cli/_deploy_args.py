@@ -13,19 +13,25 @@ def add_source_args(p: argparse.ArgumentParser, checkpoint_required: bool = True
     p.add_argument(
         "checkpoint",
         nargs=None if checkpoint_required else "?",
-        help="the authors' .pth (released weights or training checkpoint), one of ours (.safetensors + .json), "
-        "a bare state dict (.pth/.pt/.safetensors), or a Hub-layout folder",
+        help="repavit train's checkpoint.pth / best_checkpoint.pth, a convert/reparam output (.safetensors), a "
+        "push-to-hub folder, the authors' .pth (released weights or training checkpoint), or a bare state dict",
     )
     add_model_args(p)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (needed only where the checkpoint does not record it)")
+    g = p.add_argument_group(
+        "model (taken from the checkpoint's record when it has one; a value given here must agree with it)"
+    )
     g.add_argument("--model", default=None, help="registered model name, e.g. RePaViT_Base")
     g.add_argument("--idle-ratio", type=float, default=None, help="share of FFN hidden channels that skip GELU")
     g.add_argument("--feature-norm", choices=["BatchNorm", "LayerNorm"], default=None)
     g.add_argument("--heuristic", choices=["static", "linear"], default=None, help="per-block idle ratio schedule")
-    g.add_argument(
+    idle = g.add_mutually_exclusive_group()
+    idle.add_argument(
+        "--channel-idle", dest="channel_idle", action="store_true", default=None, help="channel-idle FFNs (the default)"
+    )
+    idle.add_argument(
         "--no-channel-idle", dest="channel_idle", action="store_false", default=None, help="plain FFNs (no idling)"
     )
     g.add_argument("--num-classes", type=int, default=None)
@@ -37,7 +43,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="any other model argument (YAML value), e.g. --model-arg depth=2; repeatable",
     )
-    g.add_argument("--use-ema", action="store_true", help="take model_ema from a training checkpoint")
+    g.add_argument("--use-ema", action="store_true", help="take the EMA weights (model_ema) of a training checkpoint")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,9 +61,28 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+_FLAGS = {
+    "model_name": "--model",
+    "idle_ratio": "--idle-ratio",
+    "feature_norm": "--feature-norm",
+    "heuristic": "--heuristic",
+    "num_classes": "--num-classes",
+    "img_size": "--img-size",
+}
+
+
+def spell(key: str, value: Any) -> str:
+    """How these commands name a setting in messages: ``--idle-ratio 0.5``, ``--model-arg depth=2``."""
+    if key == "channel_idle":
+        return "--channel-idle" if value else "--no-channel-idle"
+    if key in _FLAGS:
+        return f"{_FLAGS[key]} {value}"
+    return f"--model-arg {key}={value}"
+
+
 def load_from_args(args: argparse.Namespace, reparameterized: bool | None = None, pretrained: bool = False):
-    """:func:`repavit.export.load_model` with the command line's source and model settings."""
-    from ..export import load_model
+    """:func:`repavit.models.load_model` with the command line's source and model settings."""
+    from ..models import load_model
 
     return load_model(
         getattr(args, "checkpoint", None),
@@ -65,8 +90,25 @@ def load_from_args(args: argparse.Namespace, reparameterized: bool | None = None
         pretrained=pretrained,
         reparameterized=reparameterized,
         use_ema=args.use_ema,
+        spell=spell,
         **model_kwargs(args),
     )
+
+
+def check_output(output: str) -> None:
+    """``-o`` of convert/reparam names a stem: ``X`` or ``X.safetensors`` (writes X.safetensors and X.json)."""
+    if output.endswith((".pth", ".pt", ".bin", ".onnx")):
+        raise ValueError(
+            f"-o {output}: this command writes OUTPUT.safetensors and OUTPUT.json; give -o without a suffix"
+        )
+
+
+def provenance(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """What a converted file records beside the model: its source, and the accuracy training measured."""
+    extra: dict[str, Any] = {"source": str(args.checkpoint) + (" (EMA weights)" if args.use_ema else "")}
+    if loaded.metrics:
+        extra["metrics"] = loaded.metrics
+    return extra
 
 
 def mb(nbytes: int) -> str:

@@ -14,8 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export the reparameterized model to ONNX or TorchScript and check it against PyTorch",
-        description="Load a checkpoint (training form or fused), reparameterize it, export it, then run the "
-        "exported file (ONNX Runtime for ONNX) on random inputs of two batch sizes and compare with PyTorch.",
+        description="Load a checkpoint (repavit train's checkpoint.pth, a convert/reparam output, the authors' "
+        "files; training form or fused), reparameterize it, export it with its model record (in the file and in "
+        "OUTPUT.json: model, settings, class names, preprocessing), then run the exported file (ONNX Runtime for "
+        "ONNX) on random inputs of two batch sizes and compare with PyTorch.",
     )
     add_source_args(p)
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
@@ -41,27 +43,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
-    from ..export import export_onnx, export_torchscript, input_size_of, verify_onnx, verify_torchscript
+    from ..export import export_onnx, export_torchscript, input_size_of, verify_onnx, verify_torchscript, write_sidecar
     from ..export.onnx import onnx_files_size
 
     loaded = load_from_args(args, reparameterized=None if args.no_reparam else True)
     model = loaded.model.eval()
+    record = loaded.record
     size = input_size_of(model)
     if args.format == "onnx":
-        meta = {"model_args": loaded.model_args, "reparameterized": loaded.reparameterized}
+        meta = {"repavit_record": record.to_dict()}
         path = export_onnx(model, args.output, size, args.batch_size, args.opset, args.exporter, metadata=meta)
         verify = verify_onnx
         what = f"ONNX opset {args.opset}, {args.exporter} exporter, dynamic batch axis"
         nbytes = onnx_files_size(path)
     else:
-        path = export_torchscript(model, args.output, args.method)
+        extra = {"repavit_record.json": json.dumps(record.to_dict())}
+        path = export_torchscript(model, args.output, args.method, extra_files=extra)
         verify = verify_torchscript
         what = "TorchScript"
         nbytes = path.stat().st_size
+    sidecar = write_sidecar(path, model, record, format=args.format, source=str(args.checkpoint))
     form = "reparameterized" if loaded.reparameterized else "training form"
-    print(f"wrote {path} ({mb(nbytes)}; {loaded.model_name}, {form}; {what})")
+    print(f"wrote {path} ({mb(nbytes)}; {record.describe()}, {form}; {what}) and {sidecar.name}")
     if not args.no_verify:
         g = torch.Generator().manual_seed(0)
         inputs = [torch.randn(b, *size, generator=g) for b in (1, args.batch_size + 1)]

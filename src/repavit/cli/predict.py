@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="classify images: top-k classes with probabilities",
         description="Preprocess each image as the model's pretrained_cfg says (resize, center crop, normalize), "
-        "run the (reparameterized) model and print the top-k classes. Heads with 1000 classes are labelled with "
-        "ImageNet-1k class names.",
+        "run the (reparameterized) model and print the top-k classes, named as the checkpoint records them "
+        "(repavit train saves the dataset's class names); unnamed 1000-class heads get ImageNet-1k names.",
     )
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", default=None, help="checkpoint or Hub-layout folder (see `repavit convert -h`)")
@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def class_names(num_classes: int) -> list[str] | None:
-    """ImageNet-1k class descriptions for a 1000-class head, else None."""
+def class_names(num_classes: int, recorded: list[str] | None = None) -> list[str] | None:
+    """The checkpoint's recorded class names; else ImageNet-1k descriptions for a 1000-class head; else None."""
+    if recorded and len(recorded) == num_classes:
+        return list(recorded)
     if num_classes != 1000:
         return None
     from timm.data import ImageNetInfo
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     data_cfg["input_size"] = input_size_of(model)  # the model's real size, even when img_size was overridden
     transform = create_transform(**data_cfg, is_training=False)
     num_classes = getattr(model, "num_classes", 0)
-    names = class_names(num_classes)
+    names = class_names(num_classes, loaded.class_names)
     k = min(args.top_k, num_classes)
     for f in args.images:
         try:

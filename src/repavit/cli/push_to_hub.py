@@ -27,17 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import measure_model, save_hub_folder
-    from ..models import reparameterize_model
+    from ..models import record_of, reparameterize_model
 
     loaded = load_from_args(args)
     model, reference = loaded.model, None
     if args.reparameterize and not loaded.reparameterized:
         reference, model = model, reparameterize_model(model)
+    record = record_of(model, loaded.model_name, loaded.model_args, loaded.class_names)
     numbers = measure_model(model, reference)
-    out = save_hub_folder(model, args.output_dir, loaded.model_name, loaded.model_args, args.repo_id, numbers)
-    print(f"wrote {out}/config.json, model.safetensors, README.md")
+    out = save_hub_folder(model, args.output_dir, record, args.repo_id, numbers, loaded.metrics, loaded.released)
+    print(f"wrote {out}/config.json, model.safetensors, README.md ({record.describe()})")
     for key, value in numbers.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    if loaded.metrics.get("acc1") is not None:
+        print(f"  top-1 recorded by training: {loaded.metrics['acc1']:.2f}%")
     print(f"load it with: timm.create_model('local-dir:{out}', pretrained=True)  (after `import repavit`)")
     if args.repo_id:
         print(f"upload it with: hf upload {args.repo_id} {out}")

@@ -65,7 +65,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if origin is bool:
             g.add_argument(*flags, action="store_true", **kw)
-            if default:
+            if default or meta.get("negatable"):
                 no_help = f"turn off --{f.name}"
                 g.add_argument(
                     *_spellings(f"no_{f.name}"),

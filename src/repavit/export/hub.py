@@ -3,9 +3,10 @@
 ::
 
     out/repavit_base/
-      config.json          timm's layout: architecture, num_classes, model_args, pretrained_cfg
-      model.safetensors    the state dict (training form or reparameterized)
-      README.md            model card with the numbers measured at export
+      config.json          timm's layout (architecture, num_classes, model_args, pretrained_cfg,
+                           label_names) and the model record under "repavit"
+      model.safetensors    the state dict (training form or reparameterized), the record in its header
+      README.md            model card written from the record: settings, classes, recorded accuracy
 
 ``timm.create_model("local-dir:out/repavit_base", pretrained=True)`` loads it (after
 ``import repavit``); uploaded (``hf upload ORG/NAME out/repavit_base``) it loads as
@@ -25,14 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models._pretrained import FFN_ARGS, released_weights, same_setting
-from .checkpoint import input_size_of, model_args_of, tensor_bytes
+from ..models import ModelRecord
+from ..models._pretrained import ReleasedWeights
+from ..models.checkpoint import HUB_RECORD_KEY, HUB_WEIGHTS, METADATA_KEY, atomic_write, write_json
+from ..models.record import FFN_ARGS
+from .info import input_size_of, tensor_bytes
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["measure_model", "model_card", "save_hub_folder"]
 
-WEIGHTS_NAME = "model.safetensors"
 CITATION = "\n".join(
     [
         "@inproceedings{xu2025repavit,",
@@ -78,23 +81,49 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _accuracy_lines(metrics: Mapping[str, Any], released: ReleasedWeights | None) -> list[str]:
+    lines = []
+    if released is not None and released.top1 is not None:
+        lines.append(f"- ImageNet-1k top-1 reported in the paper for these weights: {released.top1}%")
+    if metrics.get("acc1") is not None:
+        where = f" on the {metrics['images']} validation images" if metrics.get("images") else ""
+        data = f" of {metrics['data_set']}" if metrics.get("data_set") else ""
+        epoch = f" after epoch {metrics['epoch'] + 1}" if isinstance(metrics.get("epoch"), int) else ""
+        top5 = f", top-5 {metrics['acc5']:.2f}%" if metrics.get("acc5") is not None else ""
+        lines.append(f"- Accuracy measured by the training run{where}{data}{epoch}: top-1 {metrics['acc1']:.2f}%{top5}")
+    if not lines:
+        lines.append("- Accuracy: none was recorded with these weights")
+    return lines
+
+
+def _class_lines(class_names: list[str] | None, num_classes: Any) -> list[str]:
+    if not class_names:
+        return [f"- Classes: {num_classes} (no names were recorded)"] if num_classes else []
+    shown = ", ".join(f"`{c}`" for c in class_names[:20])
+    more = f", ... ({len(class_names) - 20} more; all in config.json)" if len(class_names) > 20 else ""
+    return [f"- Classes ({len(class_names)}): {shown}{more}"]
+
+
 def model_card(
-    model_name: str,
-    model_args: Mapping[str, Any],
+    record: ModelRecord,
     numbers: Mapping[str, Any],
     repo_id: str | None = None,
-    reparameterized: bool = False,
+    metrics: Mapping[str, Any] | None = None,
+    released: ReleasedWeights | None = None,
 ) -> str:
-    """Markdown model card (YAML front matter as the Hub expects)."""
-    entry = released_weights(model_name)
-    matches_release = entry is not None and all(
-        same_setting(model_args.get(k, v), v) for k, v in entry.model_args.items()
-    )
-    form = "reparameterized (deploy) form" if reparameterized else "training form"
-    settings = ", ".join(f"`{k}={model_args[k]!r}`" for k in FFN_ARGS if k in model_args)
+    """Markdown model card (YAML front matter as the Hub expects), written from the model record.
+
+    Only weights known to be the authors' release (``released``) get the paper's numbers and the
+    ImageNet-1k tag; any other model is described by its own settings, classes and the accuracy its
+    training run recorded (``metrics``).
+    """
+    args = record.model_args
+    form = "reparameterized (deploy) form" if record.reparameterized else "training form"
+    settings = ", ".join(f"`{k}={args[k]!r}`" for k in FFN_ARGS if k in args)
     load_name = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in numbers.items())
-    lines = [
+    whose = f"the authors' released {released.names[0]} weights" if released else "not the authors' release"
+    front = [
         "---",
         "tags:",
         "- image-classification",
@@ -102,22 +131,27 @@ def model_card(
         "- repavit",
         "library_name: timm",
         "license: apache-2.0",
+    ]
+    if released is not None:
+        front += ["datasets:", "- imagenet-1k"]
+    lines = [
+        *front,
         "---",
-        f"# {repo_id or model_name}",
+        f"# {repo_id or record.model_name}",
         "",
-        f"`{model_name}` in its {form}: a RePaViT (ICML 2025) Vision Transformer whose channel-idle FFNs "
+        f"`{record.model_name}` in its {form}: a RePaViT (ICML 2025) model whose channel-idle FFNs "
         + (
             "have been folded into three matrices; it cannot be trained further."
-            if reparameterized
+            if record.reparameterized
             else "fold into three matrices for inference (`repavit.reparameterize_model`)."
         ),
         "",
+        f"- Weights: {whose}",
+        f"- Model: {record.describe()}",
         f"- Model settings: {settings}" if settings else "- Model settings: defaults",
-        f"- Model arguments: `{json.dumps(dict(model_args))}`",
-    ]
-    if matches_release and entry is not None and entry.top1 is not None:
-        lines.append(f"- ImageNet-1k top-1 reported in the paper for these settings: {entry.top1}%")
-    lines += [
+        f"- Model arguments: `{json.dumps(dict(args))}`",
+        *_class_lines(record.class_names, args.get("num_classes")),
+        *_accuracy_lines(metrics or {}, released),
         "- Paper: https://arxiv.org/abs/2505.21847",
         "- Original code: https://github.com/Ackesnal/RePaViT",
         "",
@@ -152,20 +186,23 @@ def model_card(
 def save_hub_folder(
     model: nn.Module,
     out_dir: str | os.PathLike,
-    model_name: str | None = None,
-    model_args: Mapping[str, Any] | None = None,
+    record: ModelRecord,
     repo_id: str | None = None,
     numbers: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    released: ReleasedWeights | None = None,
 ) -> Path:
     """Write ``model`` as a Hub-layout folder (``config.json``, ``model.safetensors``, ``README.md``).
 
     Args:
         model: a timm-built RePa model (it carries the ``pretrained_cfg`` written to config.json).
         out_dir: output folder (created).
-        model_name: registered name; defaults to ``model.pretrained_cfg["architecture"]``.
-        model_args: arguments that rebuild the architecture; defaults to the model's own.
+        record: the model record (:func:`repavit.models.record_of`); stored in ``config.json`` under
+            ``"repavit"``, with timm's ``model_args`` and ``label_names`` beside it.
         repo_id: Hub repository the folder is meant for (used in the model card only).
         numbers: measured numbers for the model card; defaults to :func:`measure_model` (no reference).
+        metrics: the accuracy the training run recorded with the weights (``acc1``, ``acc5``, ...).
+        released: the released weights these are, if they are the authors' (the card then cites the paper).
 
     Returns:
         The folder.
@@ -176,21 +213,27 @@ def save_hub_folder(
     cfg = getattr(model, "pretrained_cfg", None)
     if not cfg:
         raise ValueError("the model has no pretrained_cfg; build it with timm.create_model / repavit.create_model")
-    name = model_name or cfg.get("architecture")
-    if not name:
-        raise ValueError("model_name is needed: the model's pretrained_cfg names no architecture")
-    fused = bool(getattr(model, "reparameterized", False))
-    args = dict(model_args or model_args_of(model))
-    args["reparameterized"] = fused
+    if bool(getattr(model, "reparameterized", False)) != record.reparameterized:
+        raise ValueError("the record's form (reparameterized or not) is not the model's")
+    args = {**record.model_args, "reparameterized": record.reparameterized}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    if cfg.get("architecture") != name:
-        model.pretrained_cfg = {**cfg, "architecture": name}
-    save_config_for_hf(model, str(out / "config.json"), model_args=args)
+    meta = {"format": "pt", METADATA_KEY: json.dumps(record.to_dict())}  # the weight file alone is enough too
+    atomic_write(out / HUB_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if cfg.get("architecture") != record.model_name:
+        model.pretrained_cfg = {**cfg, "architecture": record.model_name}
+    model_config = {"label_names": record.class_names} if record.class_names else None
+    config_tmp = out / f".config.json.{os.getpid()}.tmp"
+    try:
+        save_config_for_hf(model, str(config_tmp), model_config=model_config, model_args=args)
+        config = json.loads(config_tmp.read_text())
+    finally:
+        config_tmp.unlink(missing_ok=True)
+    config[HUB_RECORD_KEY] = record.to_dict()
+    write_json(out / "config.json", config)
     numbers = dict(numbers) if numbers is not None else measure_model(model)
-    card_args = {k: v for k, v in args.items() if k != "reparameterized"}
-    (out / "README.md").write_text(model_card(name, card_args, numbers, repo_id, fused))
+    card = model_card(record, numbers, repo_id, metrics, released)
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card))
     _logger.info("wrote Hub-layout folder %s", out)
     return out

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import input_size_of
+from .info import input_size_of, preprocessing
 
 _logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def export_onnx(
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
     proto = onnx.load(str(path), load_external_data=False)
-    meta = {**_preprocessing(model, size), "opset": opset, "exporter": exporter, **dict(metadata or {})}
+    meta = {**preprocessing(model, size), "opset": opset, "exporter": exporter, **dict(metadata or {})}
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -162,16 +162,6 @@ def onnx_files_size(path: str | os.PathLike) -> int:
             if entry.key == "location":
                 locations.add(entry.value)
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
-
-
-def _preprocessing(model: nn.Module, size: tuple[int, ...]) -> dict[str, Any]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    keys = ("architecture", "mean", "std", "interpolation", "crop_pct", "crop_mode", "num_classes")
-    out = {k: cfg[k] for k in keys if cfg.get(k) is not None}
-    out["input_size"] = list(size)
-    if hasattr(model, "num_classes"):
-        out["num_classes"] = model.num_classes
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:

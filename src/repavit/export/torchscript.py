@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import input_size_of
+from .info import input_size_of
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def export_torchscript(
     path: str | os.PathLike,
     method: str = "auto",
     example_input: Tensor | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Save ``model`` (eval mode; pass the reparameterized model) as a TorchScript file.
 
@@ -41,6 +42,8 @@ def export_torchscript(
         path: output file (``.pt`` by convention).
         method: ``"auto"``, ``"script"`` or ``"trace"``.
         example_input: input for tracing; defaults to 2 random images of the model's input size.
+        extra_files: text files stored inside the archive (``torch.jit.load(..., _extra_files=...)``
+            reads them back), e.g. ``{"repavit_record.json": ...}``.
 
     Returns:
         The path written.
@@ -66,7 +69,7 @@ def export_torchscript(
                 param = next(model.parameters())
                 example_input = torch.randn(2, *input_size_of(model), device=param.device)
             scripted = torch.jit.trace(model, example_input)
-        scripted.save(str(path))
+        scripted.save(str(path), _extra_files=dict(extra_files or {}))
     used = "trace" if isinstance(scripted, torch.jit.TopLevelTracedModule) else "script"
     _logger.info("wrote %s (torch.jit.%s)", path, used)
     return path

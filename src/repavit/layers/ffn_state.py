@@ -9,6 +9,8 @@ An FFN lives under a key prefix ending in ``mlp.`` (``blocks.3.mlp.``, ``layers.
 * ``"authors_fused"``: the authors' inference form: ``fc1`` = linear branch plus identity (C x C),
   ``fc2`` = activated branch input (a x C), ``fc3`` = its output (C x a, no bias).
 
+A prefix whose keys fit none of these (a plain ``fc1``/``fc2`` MLP, e.g. DeiT's) is not reported.
+
 These helpers only read and rewrite dicts; the model files turn the returned messages into
 ``CheckpointMismatchError`` (``layers`` never imports ``models``).
 """
@@ -42,9 +44,14 @@ def ffn_forms(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
             forms[prefix] = "bn"
         elif "norm1.weight" in ks:
             forms[prefix] = "ln"
-        elif "fc1.weight" in ks:
+        elif "fc3.weight" in ks or ("fc1.weight" in ks and _is_square(state_dict[prefix + "fc1.weight"])):
+            # the authors' fused FFN: fc1 is C x C (linear path + identity); a plain MLP's fc1 is h x C
             forms[prefix] = "authors_fused"
     return forms
+
+
+def _is_square(w: Tensor) -> bool:
+    return w.dim() >= 2 and w.shape[0] == w.shape[1]
 
 
 def form_mismatch(forms: Mapping[str, str], reparameterized: bool, feature_norm: str) -> str | None:
@@ -143,6 +150,6 @@ def prepare_ffns(sd: dict[str, Tensor], model: nn.Module, feature_norm: str, rep
         return None
     expected = {}
     for prefix, m in modules.items():
-        hidden = getattr(m, "hidden_dim", None) or 4 * m.dim
-        expected[prefix] = (m.act_dim, hidden, 1 - m.act_dim / hidden)
+        hidden = m.hidden_dim or m.act_dim  # 0: a fused module built without its hidden width
+        expected[prefix] = (m.act_dim, hidden, 1 - m.act_dim / hidden if hidden else 0.0)
     return act_dim_mismatch(sd, expected)

@@ -135,7 +135,9 @@ class ChannelIdleConvMlp(nn.Module):
     @torch.no_grad()
     def fuse(self) -> FusedIdleConvMlp:
         """Return the equivalent inference module (timm's ``fuse()`` protocol)."""
-        fused = FusedIdleConvMlp(self.dim, self.act_dim, has_linear=self.act_dim < self.hidden_dim)
+        fused = FusedIdleConvMlp(
+            self.dim, self.act_dim, has_linear=self.act_dim < self.hidden_dim, hidden_dim=self.hidden_dim
+        )
         fused.load_folded(self.fold(), dtype=self.fc1.weight.dtype, device=self.fc1.weight.device)
         return fused
 
@@ -149,11 +151,13 @@ class FusedIdleConvMlp(nn.Module):
     output bias only when nothing idles, absent when ``a == 0``).
     """
 
-    def __init__(self, dim: int, act_dim: int, has_linear: bool = True) -> None:
+    def __init__(self, dim: int, act_dim: int, has_linear: bool = True, hidden_dim: int = 0) -> None:
         super().__init__()
         if act_dim == 0 and not has_linear:
             raise ValueError("a fused FFN needs a linear branch when no channel is activated")
         self.dim, self.act_dim, self.has_linear = dim, act_dim, has_linear
+        # the training form's hidden width h (kept for messages and checkpoint checks; 0: unknown)
+        self.hidden_dim = hidden_dim if hidden_dim else (act_dim if not has_linear else 0)
         lin_dim = dim if has_linear else 0
         self.in_proj = nn.Conv2d(dim, lin_dim + act_dim, 1)
         self.out_proj = nn.Conv2d(act_dim, dim, 1, bias=not has_linear) if act_dim > 0 else None

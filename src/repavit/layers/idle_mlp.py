@@ -179,7 +179,9 @@ class ChannelIdleMlp(nn.Module):
     @torch.no_grad()
     def fuse(self) -> FusedIdleMlp:
         """Return the equivalent inference module (timm's ``fuse()`` protocol)."""
-        fused = FusedIdleMlp(self.dim, self.act_dim, has_linear=self.act_dim < self.hidden_dim)
+        fused = FusedIdleMlp(
+            self.dim, self.act_dim, has_linear=self.act_dim < self.hidden_dim, hidden_dim=self.hidden_dim
+        )
         fused.load_folded(self.fold(), dtype=self.fc1.weight.dtype, device=self.fc1.weight.device)
         return fused
 
@@ -195,11 +197,13 @@ class FusedIdleMlp(nn.Module):
             the output bias and the residual stays an identity add). Absent when ``a == 0``.
     """
 
-    def __init__(self, dim: int, act_dim: int, has_linear: bool = True) -> None:
+    def __init__(self, dim: int, act_dim: int, has_linear: bool = True, hidden_dim: int = 0) -> None:
         super().__init__()
         if act_dim == 0 and not has_linear:
             raise ValueError("a fused FFN needs a linear branch when no channel is activated")
         self.dim, self.act_dim, self.has_linear = dim, act_dim, has_linear
+        # the training form's hidden width h (kept for messages and checkpoint checks; 0: unknown)
+        self.hidden_dim = hidden_dim if hidden_dim else (act_dim if not has_linear else 0)
         lin_dim = dim if has_linear else 0
         self.in_proj = nn.Linear(dim, lin_dim + act_dim)
         self.out_proj = nn.Linear(act_dim, dim, bias=not has_linear) if act_dim > 0 else None

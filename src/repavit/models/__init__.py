@@ -1,12 +1,21 @@
-"""RePa model families, registered in timm on import."""
+"""RePa model families, registered in timm on import, and the checkpoint formats they read and write."""
 
 from __future__ import annotations
 
 import timm
 
 from . import repamlpmixer, repapoolformer, repaswin, repavit  # noqa: F401  (register the models in timm)
-from ._checkpoint import CheckpointMismatchError, load_checkpoint, read_checkpoint, unwrap_state_dict
-from ._factory import create_model, reparameterize_model
+from .checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    open_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    state_form,
+    unwrap_state_dict,
+)
+from .loading import LoadedModel, Settings, create_model, load_model, reparameterize_model, resolve_settings
+from .record import CheckpointMismatchError, ModelRecord, model_args_of, record_of
 from .repavit import RePaViT
 
 # timm module names of the registered families (the file names under repavit/models/).
@@ -21,14 +30,31 @@ def list_models(pattern: str = "") -> list[str]:
     return sorted(names)
 
 
+def is_repa_model(name: str) -> bool:
+    """True for a registered RePa model name (with or without a pretrained tag)."""
+    return name.split(".")[0] in set(list_models())
+
+
 __all__ = [
     "FAMILIES",
+    "Checkpoint",
     "CheckpointMismatchError",
+    "LoadedModel",
+    "ModelRecord",
     "RePaViT",
+    "Settings",
     "create_model",
+    "is_repa_model",
     "list_models",
     "load_checkpoint",
+    "load_model",
+    "model_args_of",
+    "open_checkpoint",
     "read_checkpoint",
+    "record_of",
     "reparameterize_model",
+    "resolve_settings",
+    "save_checkpoint",
+    "state_form",
     "unwrap_state_dict",
 ]

@@ -23,7 +23,6 @@ and, if it has released weights, an entry in :data:`RELEASED` (or :func:`registe
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from timm.models import build_model_with_cfg as _timm_build_model_with_cfg
 from timm.models import load_pretrained, resolve_pretrained_cfg
 from torch import nn
 
-from ._checkpoint import CheckpointMismatchError, read_checkpoint, unwrap_state_dict
+from .checkpoint import _weights_in_folder, open_checkpoint
+from .record import FFN_ARGS, CheckpointMismatchError, ModelRecord, same_setting
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FFN_ARGS",
     "HF_HUB_ID",
     "RELEASED",
     "ReleasedWeights",
@@ -50,19 +49,14 @@ __all__ = [
     "released_weights",
     "required_model_args",
     "resolve_weights_file",
-    "same_setting",
     "with_released_weights",
 ]
 
 HF_HUB_ID = "Ackesnal/RePaViT"
-# Model settings that decide what a weight file means but not its tensor shapes.
-FFN_ARGS = ("idle_ratio", "feature_norm", "channel_idle", "heuristic")
 # File names tried, in order, in a Hub repository whose pretrained_cfg names none (timm's convention).
 _HUB_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")
 # pretrained_cfg keys that say where weights come from.
 _SOURCE_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source")
-# Weight files looked for in a local folder laid out as a Hub repository.
-_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 
 @dataclass(frozen=True)
@@ -145,19 +139,6 @@ def with_released_weights(cfgs: Mapping[str, dict]) -> dict[str, dict]:
     return out
 
 
-def same_setting(a: Any, b: Any) -> bool:
-    """Equal model settings (floats to 1e-9; ``heuristic`` 'none'/'' mean 'static')."""
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-        except (TypeError, ValueError):
-            return False
-    norm = {"none": "static", "": "static"}
-    if isinstance(a, str) and isinstance(b, str):
-        return norm.get(a, a) == norm.get(b, b)
-    return a == b
-
-
 def required_model_args(pretrained_cfg: Mapping[str, Any], pretrained_model_args: Mapping | None = None) -> dict:
     """The FFN settings the weights named by ``pretrained_cfg`` need.
 
@@ -170,9 +151,30 @@ def required_model_args(pretrained_cfg: Mapping[str, Any], pretrained_model_args
     return dict(entry.model_args) if entry is not None else {}
 
 
-def _apply_required_args(pretrained_cfg: Mapping[str, Any], kwargs: dict) -> dict:
-    required = required_model_args(pretrained_cfg, kwargs.get("pretrained_model_args"))
+def _apply_required_args(pretrained_cfg: Mapping[str, Any], kwargs: dict, record: ModelRecord | None = None) -> dict:
+    """Apply the settings the weights need to the model's keyword arguments; a conflicting FFN setting is an error.
+
+    The settings come from the weight file's own model record if it has one, else from a Hub
+    folder's ``config.json``, else from :data:`RELEASED`. Recorded settings other than the FFN ones
+    fill in what is not given; ``num_classes`` and ``img_size`` may be overridden (timm's fine-tuning
+    semantics: a new head, resampled position embeddings), any other override is an error.
+    """
     name = pretrained_cfg.get("architecture", "model")
+    if record is not None and pretrained_cfg.get("source") not in ("local-dir", "hf-hub"):
+        where = pretrained_cfg.get("file") or name
+        for key, value in record.model_args.items():
+            if key not in kwargs:
+                kwargs[key] = value
+            elif key not in ("num_classes", "img_size") and not same_setting(kwargs[key], value):
+                raise CheckpointMismatchError(
+                    f"{where} was trained with {key}={value!r}, got {key}={kwargs[key]!r}: leave {key} out "
+                    f"(it comes with the weights' record) or pass {key}={value!r}"
+                )
+        if record.reparameterized and not kwargs.get("reparameterized"):
+            _logger.info("%s holds reparameterized weights: building the fused model", where)
+            kwargs["reparameterized"] = True
+        return kwargs
+    required = required_model_args(pretrained_cfg, kwargs.get("pretrained_model_args"))
     tag = f".{pretrained_cfg['tag']}" if pretrained_cfg.get("tag") else ""
     for key, value in required.items():
         if key in kwargs and not same_setting(kwargs[key], value):
@@ -218,16 +220,7 @@ def _hub_download(repo: str, filenames: tuple[str, ...], cache_dir: str | os.Pat
 def _find_in_folder(folder: Path) -> Path:
     if not folder.is_dir():
         raise NotADirectoryError(f"pretrained weights folder not found: {folder}")
-    for name in _FOLDER_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    for ext in (".safetensors", ".pth", ".pt", ".bin"):
-        found = sorted(folder.glob(f"*{ext}"))
-        if found:
-            return found[0]
-    raise FileNotFoundError(
-        f"no weight file in {folder}: expected one of {', '.join(_FOLDER_FILES)} (or any .safetensors/.pth/.pt/.bin)"
-    )
+    return _weights_in_folder(folder)
 
 
 def resolve_weights_file(pretrained_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
@@ -295,10 +288,16 @@ def build_model_with_cfg(
         return _timm_build_model_with_cfg(
             model_cls, variant, False, pretrained_cfg=cfg, pretrained_strict=pretrained_strict, **kwargs
         )
-    kwargs = _apply_required_args(cfg, dict(kwargs))
+    # a local file may carry its own record: read it first; for released weights the table decides before downloading
+    local_file = bool(cfg.get("file")) and cfg.get("source") not in ("local-dir", "hf-hub")
+    if not local_file:
+        kwargs = _apply_required_args(cfg, dict(kwargs))
     path = resolve_weights_file(cfg, cache_dir)
     _logger.info("loading pretrained weights from %s", path)
-    state = unwrap_state_dict(read_checkpoint(path))
+    ckpt = open_checkpoint(path)
+    if local_file:
+        kwargs = _apply_required_args(cfg, dict(kwargs), ckpt.record)
+    state = ckpt.state_dict()
     # timm loads an in-memory state dict when the cfg carries one and names no other source.
     load_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS} | {"state_dict": state}
     model = _timm_build_model_with_cfg(
@@ -330,7 +329,7 @@ def load_released_weights(
     """Load the weights ``pretrained_cfg`` names into ``model`` (in place); see :func:`build_model_with_cfg`."""
     path = resolve_weights_file(pretrained_cfg, cache_dir)
     _logger.info("loading pretrained weights from %s", path)
-    state = unwrap_state_dict(read_checkpoint(path))
+    state = open_checkpoint(path).state_dict()
     # timm's loader does the classifier / input-conv adaptation; hand it the state dict directly.
     load_cfg = {k: v for k, v in pretrained_cfg.items() if k not in _SOURCE_KEYS} | {"state_dict": state}
     with torch.no_grad():

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
-from ._checkpoint import CheckpointMismatchError
 from ._registry import register_variants, repa_cfg
+from .record import CheckpointMismatchError
 
 __all__ = ["RePaMlpMixer", "checkpoint_filter_fn"]
 
@@ -59,7 +59,7 @@ class MixerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         if reparameterized:
             act_dim = active_channels(channels_dim, idle_ratio) if channel_idle else channels_dim
-            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < channels_dim)
+            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < channels_dim, hidden_dim=channels_dim)
         else:
             self.mlp = ChannelIdleMlp(
                 dim,
@@ -311,6 +311,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaMlpMixer) 
     return sd
 
 
+def identify_state_dict(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The RePaMlpMixer size (authors' name) whose patch, width and depth a state dict has, or None."""
+    proj = state_dict.get("stem.proj.weight")
+    if proj is None or "blocks.0.mlp_tokens.fc1.weight" not in state_dict:
+        return None
+    depth = len({int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))})
+    for size, (patch, dim, arch_depth) in ARCHS.items():
+        if (proj.shape[-1], proj.shape[0], depth) == (patch, dim, arch_depth):
+            return f"RePaMlpMixer_{size}"
+    return None
+
+
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
     return repa_cfg(first_conv="stem.proj", pool_size=None, fixed_input_size=True, **kwargs)
@@ -350,4 +362,4 @@ def _describe(name: str) -> str:
     return f"{name}: RePaMlpMixer, patch {patch}, embed_dim {dim}, depth {depth}."
 
 
-register_variants(__name__, MODEL_NAMES, _create_repamlpmixer, _describe)
+register_variants(__name__, MODEL_NAMES, _create_repamlpmixer, _describe, identify_state_dict)

@@ -29,8 +29,8 @@ from ..layers.ffn_state import ffn_forms, prepare_ffns
 from ..layers.idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
 from ..layers.idle_mlp import active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
-from ._checkpoint import CheckpointMismatchError
 from ._registry import register_variants, repa_cfg
+from .record import CheckpointMismatchError
 
 __all__ = ["RePaPoolFormer", "checkpoint_filter_fn"]
 
@@ -83,7 +83,7 @@ class PoolFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         if reparameterized:
             act_dim = active_channels(hidden, idle_ratio, "floor") if channel_idle else hidden
-            self.mlp: nn.Module = FusedIdleConvMlp(dim, act_dim, has_linear=act_dim < hidden)
+            self.mlp: nn.Module = FusedIdleConvMlp(dim, act_dim, has_linear=act_dim < hidden, hidden_dim=hidden)
         else:
             self.mlp = ChannelIdleConvMlp(
                 dim,
@@ -370,6 +370,28 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaPoolFormer
     return sd
 
 
+def identify_state_dict(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The RePaPoolFormer size (authors' name) whose widths and blocks per stage a state dict has, or None."""
+    if "network.0.0.mlp.fc1.weight" not in state_dict and "network.0.0.mlp.in_proj.weight" not in state_dict:
+        return None
+    blocks: dict[int, int] = {}
+    for k in state_dict:
+        m = _BLOCK.match(k)
+        if m and int(m.group(1)) % 2 == 0:
+            stage = int(m.group(1)) // 2
+            blocks[stage] = max(blocks.get(stage, 0), int(m.group(2)) + 1)
+    layers = tuple(blocks.get(i, 0) for i in range(max(blocks, default=-1) + 1))
+    widths = tuple(
+        state_dict[f"network.{2 * i}.0.norm1.weight"].shape[0]
+        for i in range(len(layers))
+        if f"network.{2 * i}.0.norm1.weight" in state_dict
+    )
+    for size, (arch_layers, dims, _, _) in ARCHS.items():
+        if (layers, widths) == (arch_layers, dims):
+            return f"RePaPoolformer_{size}"
+    return None
+
+
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
     return repa_cfg(first_conv="patch_embed.proj", pool_size=(7, 7), fixed_input_size=False, **kwargs)
@@ -408,4 +430,4 @@ def _describe(name: str) -> str:
     return f"{name}: RePaPoolFormer, layers {layers}, widths {dims}, pool {pool}, layer scale {ls}."
 
 
-register_variants(__name__, MODEL_NAMES, _create_repapoolformer, _describe)
+register_variants(__name__, MODEL_NAMES, _create_repapoolformer, _describe, identify_state_dict)

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
-from ._checkpoint import CheckpointMismatchError
 from ._pretrained import build_model_with_cfg, with_released_weights
 from ._registry import register_variants, repa_cfg
+from .record import CheckpointMismatchError
 
 __all__ = ["RePaSwin", "checkpoint_filter_fn", "relative_position_index", "window_attention_mask"]
 
@@ -180,7 +180,7 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         if reparameterized:
             act_dim = active_channels(hidden, idle_ratio) if channel_idle else hidden
-            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < hidden)
+            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < hidden, hidden_dim=hidden)
         else:
             self.mlp = ChannelIdleMlp(
                 dim,
@@ -560,6 +560,23 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaSwin) -> d
     return sd
 
 
+def identify_state_dict(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The RePaSwin size (authors' name) whose width and stage depths a state dict has, or None."""
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is None or "layers.0.blocks.0.attn.relative_position_bias_table" not in state_dict:
+        return None
+    blocks: dict[int, int] = {}
+    for k in state_dict:
+        m = _BLOCK.match(k)
+        if m:
+            blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    depths = tuple(blocks.get(i, 0) for i in range(max(blocks, default=-1) + 1))
+    for size, (dim, arch_depths, _) in ARCHS.items():
+        if (proj.shape[0], depths) == (dim, arch_depths):
+            return f"RePaSwin_{size.capitalize()}"
+    return None
+
+
 # ---- registry -------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
     return repa_cfg(first_conv="patch_embed.proj", pool_size=(7, 7), fixed_input_size=False, **kwargs)
@@ -596,4 +613,4 @@ def _describe(name: str) -> str:
     return f"{name}: RePaSwin, window 7, embed_dim {embed_dim}, depths {depths}, heads {heads}."
 
 
-register_variants(__name__, MODEL_NAMES, _create_repaswin, _describe)
+register_variants(__name__, MODEL_NAMES, _create_repaswin, _describe, identify_state_dict)

@@ -23,6 +23,7 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..layers.attention import PreNormAttention
+from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import (
     ChannelIdleMlp,
     FusedIdleMlp,
@@ -32,9 +33,9 @@ from ..layers.idle_mlp import (
     idle_ratios_for_depth,
 )
 from ..layers.reparam import ReparamMixin, take_indices
-from ._checkpoint import CheckpointMismatchError
 from ._pretrained import build_model_with_cfg, with_released_weights
 from ._registry import register_variants, repa_cfg
+from .record import CheckpointMismatchError
 
 __all__ = ["Block", "RePaViT", "checkpoint_filter_fn"]
 
@@ -62,7 +63,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         if reparameterized:
             act_dim = active_channels(hidden, idle_ratio) if channel_idle else hidden
-            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < hidden)
+            self.mlp: nn.Module = FusedIdleMlp(dim, act_dim, has_linear=act_dim < hidden, hidden_dim=hidden)
         else:
             self.mlp = ChannelIdleMlp(
                 dim,
@@ -336,52 +337,15 @@ class RePaViT(ReparamMixin, nn.Module):
 
 
 # ---- checkpoint conversion ----------------------------------------------------------------
-_BLOCK_MLP = re.compile(r"^blocks\.(\d+)\.mlp\.(.+)$")
-
-
-def _block_forms(sd: Mapping[str, Tensor]) -> dict[int, str]:
-    """Per block: ``"bn"``, ``"ln"`` (training forms), ``"authors_fused"`` or ``"fused"``."""
-    keys: dict[int, set[str]] = {}
-    for k in sd:
-        m = _BLOCK_MLP.match(k)
-        if m:
-            keys.setdefault(int(m.group(1)), set()).add(m.group(2))
-    forms = {}
-    for i, ks in keys.items():
-        if "in_proj.weight" in ks:
-            forms[i] = "fused"
-        elif "norm1.running_mean" in ks:
-            forms[i] = "bn"
-        elif "norm1.weight" in ks:
-            forms[i] = "ln"
-        else:
-            forms[i] = "authors_fused"
-    return forms
-
-
-def _convert_authors_fused_block(sd: dict[str, Tensor], prefix: str) -> None:
-    """Authors' reparameterized FFN (fc1: C->C linear+identity, fc2: C->a, fc3: a->C) -> ours."""
-    fc1_w, fc1_b = sd.pop(prefix + "fc1.weight"), sd.pop(prefix + "fc1.bias")
-    if prefix + "fc2.weight" not in sd:  # a == 0: one linear map
-        sd[prefix + "in_proj.weight"], sd[prefix + "in_proj.bias"] = fc1_w, fc1_b
-        return
-    fc2_w, fc2_b = sd.pop(prefix + "fc2.weight"), sd.pop(prefix + "fc2.bias")
-    fc3_w = sd.pop(prefix + "fc3.weight")
-    if fc2_w.shape[0] == 4 * fc1_w.shape[0] and torch.equal(fc1_w, torch.eye(fc1_w.shape[0], dtype=fc1_w.dtype)):
-        # nothing idles (a == h): the linear branch is the plain residual
-        sd[prefix + "in_proj.weight"], sd[prefix + "in_proj.bias"] = fc2_w, fc2_b
-        sd[prefix + "out_proj.weight"], sd[prefix + "out_proj.bias"] = fc3_w, fc1_b
-        return
-    sd[prefix + "in_proj.weight"] = torch.cat((fc1_w, fc2_w), 0)
-    sd[prefix + "in_proj.bias"] = torch.cat((fc1_b, fc2_b), 0)
-    sd[prefix + "out_proj.weight"] = fc3_w
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> dict[str, Tensor]:
     """Map a checkpoint in the authors' layout (or ours) onto ``model``'s keys, checking it fits.
 
     Handles the authors' training form, their reparameterized form (``mlp.fc1/fc2/fc3``), our
-    fused form, and position embeddings of another grid size (resampled bicubically). Raises
+    fused form (through the FFN-state helpers every family shares, for any ``mlp_ratio``), and
+    position embeddings of another grid size (resampled bicubically). Raises
     :class:`CheckpointMismatchError` naming the first setting that differs.
     """
     sd = dict(state_dict)
@@ -390,53 +354,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> di
             f"checkpoint has embed_dim {sd['cls_token'].shape[-1]}, model {model.embed_dim}: "
             "it is for another model size"
         )
-    forms = _block_forms(sd)
-    depth = len(model.blocks)
-    if forms and len(forms) != depth:
+    depth = len({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
+    if depth and depth != len(model.blocks):
         raise CheckpointMismatchError(
-            f"checkpoint has {len(forms)} blocks, model has {depth}: it is for another model size"
+            f"checkpoint has {depth} blocks, model has {len(model.blocks)}: it is for another model size"
         )
-    kinds = set(forms.values())
-    if model.reparameterized:
-        if "ln" in kinds:
-            raise CheckpointMismatchError(
-                "checkpoint has LayerNorm FFNs, which have no fused form; model is reparameterized"
-            )
-        if "bn" in kinds:
-            raise CheckpointMismatchError(
-                "checkpoint is in training form but the model is reparameterized: build it with "
-                "reparameterized=False, load, then call reparameterize()"
-            )
-    else:
-        if kinds & {"fused", "authors_fused"}:
-            raise CheckpointMismatchError(
-                "checkpoint is reparameterized but the model is in training form: build it with reparameterized=True"
-            )
-        want = "bn" if model.feature_norm == "BatchNorm" else "ln"
-        got = kinds - {want}
-        if got:
-            names = {"bn": "BatchNorm", "ln": "LayerNorm"}
-            raise CheckpointMismatchError(
-                f"checkpoint has feature_norm={names[got.pop()]} FFNs, model has feature_norm={model.feature_norm}"
-            )
-    for i, form in forms.items():
-        if form == "authors_fused":
-            _convert_authors_fused_block(sd, f"blocks.{i}.mlp.")
-    if model.reparameterized:
-        act_dims = [blk.mlp.act_dim for blk in model.blocks]
-        for i in range(depth):
-            w = sd.get(f"blocks.{i}.mlp.in_proj.weight")
-            if w is None:
-                continue
-            out_w = sd.get(f"blocks.{i}.mlp.out_proj.weight")
-            got_a = 0 if out_w is None else out_w.shape[1]
-            if got_a != act_dims[i]:
-                hidden = 4 * model.embed_dim
-                raise CheckpointMismatchError(
-                    f"block {i} of the checkpoint activates {got_a} of {hidden} hidden channels "
-                    f"(idle_ratio ~{1 - got_a / hidden:.4g}), the model {act_dims[i]} "
-                    f"(idle_ratio {model.idle_ratios[i]:.4g}): set idle_ratio/heuristic/channel_idle to match"
-                )
+    msg = prepare_ffns(sd, model, model.feature_norm, model.reparameterized)
+    if msg:
+        raise CheckpointMismatchError(msg)
     if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
         sd["pos_embed"] = resample_abs_pos_embed(
             sd["pos_embed"],
@@ -446,6 +371,21 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> di
             antialias=True,
         )
     return sd
+
+
+def identify_state_dict(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The RePaViT size (authors' name) whose width and depth a state dict has, or None."""
+    if "cls_token" not in state_dict or "blocks.0.attn.norm.weight" not in state_dict:
+        return None  # RePaViT keeps each block's attention LayerNorm inside ``attn``; DeiT does not
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is None or tuple(proj.shape[-2:]) != (16, 16):
+        return None
+    dim = state_dict["cls_token"].shape[-1]
+    depth = len({int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))})
+    for size, (d, n, _) in ARCHS.items():
+        if (d, n) == (dim, depth):
+            return f"RePaViT_{size.capitalize()}"
+    return None
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -485,4 +425,4 @@ def _describe(name: str) -> str:
     return f"{name}: RePaViT with embed_dim, depth, heads = {ARCHS[MODEL_NAMES[name]]}."
 
 
-register_variants(__name__, MODEL_NAMES, _create_repavit, _describe)
+register_variants(__name__, MODEL_NAMES, _create_repavit, _describe, identify_state_dict)

@@ -6,7 +6,6 @@ Library entry points::
     summary = fit(TrainConfig(model="RePaViT_Tiny", data_set="SYNTH", epochs=1, ...))
 """
 
-from .checkpoint import load_training_checkpoint, save_checkpoint
 from .config import TrainConfig, load_yaml
 from .distributed import DistEnv, detect_launcher, init_distributed
 from .engine import Precision, evaluate, train_one_epoch
@@ -21,10 +20,8 @@ __all__ = [
     "evaluate_checkpoint",
     "fit",
     "init_distributed",
-    "load_training_checkpoint",
     "load_yaml",
     "run",
-    "save_checkpoint",
     "speed_test",
     "train_one_epoch",
 ]

@@ -24,7 +24,9 @@ from ..data import (
     dataset_classes,
 )
 from ..data.robust import RobustDataset, check_split
+from ..models import Checkpoint, CheckpointMismatchError, Settings, load_model, resolve_settings
 from ..models import create_model as repa_create_model
+from ..models import is_repa_model as _is_repa_model
 from ..models import list_models as repa_list_models
 from .config import TrainConfig
 from .distributed import DistEnv
@@ -37,9 +39,12 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_classes",
     "check_model_name",
     "is_repa_model",
     "model_kwargs",
+    "settings_from_checkpoint",
+    "spell",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ _logger = logging.getLogger(__name__)
 
 # ---- model ------------------------------------------------------------------------------------
 def is_repa_model(name: str) -> bool:
-    return name in set(repa_list_models())
+    return _is_repa_model(name)
 
 
 def check_model_name(cfg: TrainConfig) -> None:
@@ -64,13 +69,35 @@ def check_model_name(cfg: TrainConfig) -> None:
         )
 
 
+# The flags that set model constructor arguments: (TrainConfig field, constructor keyword).
+_MODEL_FLAGS = (
+    ("channel_idle", "channel_idle"),
+    ("idle_ratio", "idle_ratio"),
+    ("feature_norm", "feature_norm"),
+    ("heuristic", "heuristic"),
+    ("input_size", "img_size"),
+    ("nb_classes", "num_classes"),
+)
+
+
+def spell(key: str, value: Any) -> str:
+    """How the training command line names a model setting in messages (``--idle_ratio 0.5``)."""
+    if key == "channel_idle":
+        return "--channel_idle" if value else "--no_channel_idle"
+    flags = {kw: f"--{name}" for name, kw in _MODEL_FLAGS} | {"model_name": "--model"}
+    if key in flags:
+        return f"{flags[key]} {value}"
+    return f"--model_kwargs {key}={value}"
+
+
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     """Constructor arguments for ``cfg.model`` (RePa arguments only for RePa models)."""
     kw: dict[str, Any] = {"num_classes": num_classes, "drop_rate": cfg.drop, "drop_path_rate": cfg.drop_path}
-    if cfg.input_size != 224:
+    if cfg.input_size != 224:  # not every timm model takes img_size
         kw["img_size"] = cfg.input_size
     if is_repa_model(cfg.model):
         kw.update(
+            img_size=cfg.input_size,
             channel_idle=cfg.channel_idle,
             idle_ratio=cfg.idle_ratio,
             feature_norm=cfg.feature_norm,
@@ -80,33 +107,78 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     return kw
 
 
+def settings_from_checkpoint(cfg: TrainConfig, ckpt: Checkpoint) -> tuple[TrainConfig, Settings]:
+    """``cfg`` with the model settings ``ckpt`` holds (its record, or what its shapes tell).
+
+    Settings given explicitly (``cfg.given``) must agree with the record: a contradiction is a
+    :class:`CheckpointMismatchError` naming both values. The settings taken from the checkpoint are
+    logged in one line.
+    """
+    given = cfg.given
+    explicit = {kw: getattr(cfg, name) for name, kw in _MODEL_FLAGS if name in given}
+    explicit.update(cfg.model_kwargs if "model_kwargs" in given else {})
+    settings = resolve_settings(ckpt, cfg.model if "model" in given else None, explicit, spell=spell)
+    for line in settings.notes:
+        _logger.info("%s", line)
+    for line in settings.warnings:
+        _logger.warning("%s", line)
+    args = dict(settings.model_args)
+    changes: dict[str, Any] = {"model": settings.model_name}
+    for name, kw in _MODEL_FLAGS:
+        if kw in args:
+            changes[name] = args.pop(kw)
+    if "input_size" in changes:
+        size = changes["input_size"]
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2 or size[0] != size[1]:
+                raise ValueError(f"{ckpt.name} was trained on {size[0]}x{size[1]} images; training runs on square ones")
+            changes["input_size"] = int(size[0])
+    changes["model_kwargs"] = {**args, **cfg.model_kwargs}
+    return cfg.with_given(given, **changes), settings
+
+
+def check_classes(ckpt: Checkpoint, settings: Settings, dataset: Dataset, data_desc: str) -> None:
+    """Refuse data whose classes are not the checkpoint's (a wrong count, or the same count in other names)."""
+    classes = [str(c) for c in dataset_classes(dataset)]
+    want = settings.class_names
+    n = settings.model_args.get("num_classes")
+    if isinstance(n, int) and n != len(classes):
+        names = f" ({', '.join(want[:3])}{', ...' if len(want) > 3 else ''})" if want else ""
+        raise CheckpointMismatchError(
+            f"{ckpt.name} has a head of {n} classes{names}, the data at {data_desc} has {len(classes)}"
+        )
+    if want and want != classes:
+        diff = next(i for i, (a, b) in enumerate(zip(want, classes)) if a != b)
+        raise CheckpointMismatchError(
+            f"{ckpt.name} was trained on other classes than the data at {data_desc} has: class {diff} is "
+            f"{want[diff]!r} there, {classes[diff]!r} here; labels would be wrong"
+        )
+
+
 def build_model(
     cfg: TrainConfig,
     num_classes: int,
-    checkpoint: Any = None,
-    reparameterized: bool = False,
+    checkpoint: Checkpoint | None = None,
+    reparameterized: bool | None = False,
     use_ema: bool = False,
 ) -> nn.Module:
-    """Build ``cfg.model``; optionally load a checkpoint (path) and return the reparameterized form.
+    """Build ``cfg.model``; optionally load a checkpoint (through the one loader) and fold it.
 
     Errors a user can cause (unknown model, an argument the model does not take, a checkpoint of
     another model) are raised as ``ValueError`` with one line naming the problem.
     """
     check_model_name(cfg)
     kw = model_kwargs(cfg, num_classes)
+    if checkpoint is not None:
+        return load_model(
+            checkpoint, cfg.model, reparameterized=reparameterized, use_ema=use_ema, spell=spell, **kw
+        ).model
     try:
         if is_repa_model(cfg.model):
-            return repa_create_model(
-                cfg.model, checkpoint_path=checkpoint, reparameterized=reparameterized, use_ema=use_ema, **kw
-            )
-        model = timm.create_model(cfg.model, **kw)
+            return repa_create_model(cfg.model, reparameterized=bool(reparameterized), **kw)
+        return timm.create_model(cfg.model, **kw)
     except TypeError as e:
         raise ValueError(f"model {cfg.model} rejected its arguments: {str(e).splitlines()[0]}") from None
-    if checkpoint is not None:
-        from ..models import load_checkpoint
-
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
-    return model
 
 
 # ---- data -------------------------------------------------------------------------------------

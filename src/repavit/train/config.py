@@ -48,7 +48,9 @@ class TrainConfig:
     )
     drop: float = _f(0.0, "dropout rate", "model")
     drop_path: float = _f(0.1, "stochastic depth rate (rises linearly over the blocks)", "model")
-    channel_idle: bool = _f(False, "enable the channel-idle FFN (the authors' flag; off by default)", "model")
+    channel_idle: bool = _f(
+        False, "enable the channel-idle FFN (the authors' flag; off by default)", "model", negatable=True
+    )
     idle_ratio: float = _f(0.75, "share of FFN hidden channels that skip the activation", "model")
     feature_norm: str = _f(
         "LayerNorm", "FFN normalization; BatchNorm is needed for reparameterization", "model", choices=FEATURE_NORMS
@@ -241,12 +243,35 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a mapping of field names; unknown names are an error naming them."""
+        """Build from a mapping of field names; unknown names are an error naming them.
+
+        The names in ``values`` are the settings given explicitly (:attr:`given`).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
-        return cls(**values)
+        cfg = cls(**values)
+        cfg._given = frozenset(values)
+        return cfg
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The settings given explicitly: on the command line or in a ``--config`` file.
+
+        A config built in Python (``TrainConfig(...)``, ``dataclasses.replace``) counts the settings
+        that differ from the defaults. Settings a checkpoint records are taken from it unless given.
+        """
+        explicit = self.__dict__.get("_given")
+        if explicit is not None:
+            return explicit
+        return frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f))
+
+    def with_given(self, given: frozenset[str], **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied, whose :attr:`given` is ``given``."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg._given = frozenset(given)
+        return cfg
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved settings atomically (loadable again with ``--config``)."""
@@ -256,6 +281,10 @@ class TrainConfig:
             f.write("# Resolved settings of this run; reload with `repavit train --config <this file>`.\n")
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
         os.replace(tmp, path)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def config_fields() -> list[dataclasses.Field]:

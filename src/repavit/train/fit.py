@@ -23,7 +23,8 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 
 from ..bench.throughput import count_gmacs, count_params, interleaved_throughput
-from ..models import load_checkpoint, reparameterize_model, unwrap_state_dict
+from ..data import dataset_classes
+from ..models import Checkpoint, load_checkpoint, open_checkpoint, record_of, reparameterize_model, save_checkpoint
 from .builders import (
     build_criterion,
     build_datasets,
@@ -32,11 +33,11 @@ from .builders import (
     build_model,
     build_optimizer,
     build_scheduler,
+    check_classes,
     check_model_name,
     is_repa_model,
-    model_kwargs,
+    settings_from_checkpoint,
 )
-from .checkpoint import FORMAT, load_training_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     DistEnv,
@@ -140,6 +141,19 @@ def _append_line(path: Path, data: dict[str, Any]) -> None:
         f.write(json.dumps(data) + "\n")
 
 
+def _data_desc(cfg: TrainConfig) -> str:
+    return cfg.rocksdb or cfg.data_path or f"--data_set {cfg.data_set}"
+
+
+def _open_resume(cfg: TrainConfig) -> tuple[TrainConfig, Checkpoint | None, Any]:
+    """Open ``--resume`` and take the model settings it records (before any data or model is built)."""
+    if not cfg.resume:
+        return cfg, None, None
+    ckpt = open_checkpoint(cfg.resume)
+    cfg, settings = settings_from_checkpoint(cfg, ckpt)
+    return cfg, ckpt, settings
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Dispatch on the mode: ``--test_speed`` -> :func:`speed_test`, ``--eval`` -> evaluation, else :func:`fit`."""
     if cfg.mode == "speed":
@@ -159,16 +173,17 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     """
     if cfg.wandb:
         check_wandb_env()
-    check_model_name(cfg)
     env = init_distributed(cfg.device, cfg.dist_backend)
     try:
-        return _fit(cfg, env)
+        _quiet_other_ranks(env)
+        cfg, ckpt, settings = _open_resume(cfg)
+        check_model_name(cfg)
+        return _fit(cfg, env, ckpt, settings)
     finally:
         cleanup()
 
 
-def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
-    _quiet_other_ranks(env)
+def _fit(cfg: TrainConfig, env: DistEnv, ckpt: Checkpoint | None, settings: Any) -> dict[str, Any]:
     say = _Printer(env)
     seed_everything(cfg.seed + env.rank)
     precision = Precision(cfg.amp, env.device)
@@ -177,13 +192,15 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
 
     # -- everything that can fail on bad input, before anything is written --
     train_ds, val_ds, num_classes = build_datasets(cfg, need_train=True)
-    ckpt = load_training_checkpoint(cfg.resume) if cfg.resume else None
-    model = build_model(cfg, num_classes)
+    if ckpt is not None:
+        check_classes(ckpt, settings, val_ds, _data_desc(cfg))
+    model = build_model(cfg, num_classes, checkpoint=ckpt)
+    model.train()
     if not _foldable(model) and is_repa_model(cfg.model):
         _logger.info("feature_norm=%s: this model cannot be reparameterized after training", cfg.feature_norm)
-    if ckpt is not None:
-        load_checkpoint(model, ckpt)
+    record = record_of(model, cfg.model, class_names=[str(c) for c in dataset_classes(train_ds)])
     model.to(env.device)
+    raw = ckpt.raw if ckpt is not None else None
 
     lrs = cfg.scaled_lrs(env.world_size)
     optimizer = build_optimizer(cfg, model, lrs["lr"])
@@ -206,10 +223,10 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             model, decay=cfg.model_ema_decay, device=torch.device("cpu") if cfg.model_ema_force_cpu else None
         )
     start_epoch, max_accuracy = cfg.start_epoch, -1.0
-    if ckpt is not None and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        old = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if raw is not None and all(k in raw for k in ("optimizer", "lr_scheduler", "epoch")):
+        optimizer.load_state_dict(raw["optimizer"])
+        scheduler.load_state_dict(raw["lr_scheduler"])
+        old = raw.get("config") if isinstance(raw.get("config"), dict) else {}
         changed = [k for k in _SCHEDULE_KEYS if k in old and old[k] != getattr(cfg, k)]
         if changed:
             _logger.warning(
@@ -217,12 +234,12 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
                 "change the schedule: %s",
                 ", ".join(f"{k} {old[k]} -> {getattr(cfg, k)}" for k in changed),
             )
-        if ema is not None and ckpt.get("model_ema"):
-            load_checkpoint(ema.module, ckpt["model_ema"])
-        if precision.scaler is not None and ckpt.get("scaler"):
-            precision.scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        max_accuracy = float(ckpt.get("max_accuracy", -1.0))
+        if ema is not None and raw.get("model_ema"):
+            load_checkpoint(ema.module, raw["model_ema"])
+        if precision.scaler is not None and raw.get("scaler"):
+            precision.scaler.load_state_dict(raw["scaler"])
+        start_epoch = int(raw["epoch"]) + 1
+        max_accuracy = float(raw.get("max_accuracy", -1.0))
         say(f"resumed from {cfg.resume}: {start_epoch} epoch(s) done, continuing with epoch {start_epoch + 1}")
     elif ckpt is not None:
         say(f"loaded weights from {cfg.resume} (no training state: starting at epoch {start_epoch})")
@@ -266,7 +283,6 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         wandb_cfg = {**cfg.to_dict(), **{f"effective_{k}": v for k, v in effective.items()}}
         tracker = WandbRun(cfg.model, cfg.wandb_suffix, cfg.wandb_entity, wandb_cfg, cfg.output_dir or None)
 
-    kw = model_kwargs(cfg, num_classes)
     say(f"Start training for {cfg.epochs} epochs")
     t_start = time.perf_counter()
     history: list[dict[str, Any]] = []
@@ -320,23 +336,21 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         )
         if out is not None and env.is_main:
             state = {
-                "model": unwrapped.state_dict(),
                 "model_ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(),
                 "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
                 "epoch": epoch,
                 "max_accuracy": max_accuracy,
+                "metrics": _metrics(cfg, epoch, test_stats, ema_stats),
                 "config": cfg.to_dict(),
-                "model_name": cfg.model,
-                "model_kwargs": kw,
-                "format": FORMAT,
             }
-            save_checkpoint(state, out / "checkpoint.pth")
+            weights = unwrapped.state_dict()
+            save_checkpoint(out / "checkpoint.pth", weights, record, state)
             if (epoch + 1) % cfg.save_freq == 0:
-                save_checkpoint(state, out / f"checkpoint_{epoch + 1}epoch.pth")
+                save_checkpoint(out / f"checkpoint_{epoch + 1}epoch.pth", weights, record, state)
             if improved:
-                save_checkpoint(state, out / "best_checkpoint.pth")
+                save_checkpoint(out / "best_checkpoint.pth", weights, record, state)
         row = {
             **{f"train_{k}": v for k, v in train_stats.items()},
             **{f"test_{k}": v for k, v in test_stats.items()},
@@ -387,10 +401,9 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             f"({'identical to' if rep_stats['acc1'] == test_stats['acc1'] else 'differs from'} the training form)"
         )
         if out is not None and env.is_main:
-            save_checkpoint(
-                {"model": fused.state_dict(), "model_name": cfg.model, "model_kwargs": kw, "reparameterized": True},
-                out / "checkpoint_reparam.pth",
-            )
+            fused_record = record_of(fused, cfg.model, record.model_args, record.class_names)
+            metrics = {**_metrics(cfg, cfg.epochs - 1, rep_stats, None), "form": "reparameterized"}
+            save_checkpoint(out / "checkpoint_reparam.pth", fused.state_dict(), fused_record, {"metrics": metrics})
     if out is not None and env.is_main:
         _write_json(out / "summary.json", summary)
     if tracker is not None:
@@ -400,24 +413,38 @@ def _fit(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     return summary
 
 
+def _metrics(cfg: TrainConfig, epoch: int, stats: dict[str, Any], ema_stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The evaluation stored with a checkpoint's weights (model cards and ``repavit eval`` read it)."""
+    metrics = {k: stats[k] for k in ("acc1", "acc5", "loss", "images") if k in stats}
+    metrics.update(epoch=epoch, data_set=cfg.data_set)
+    if ema_stats:
+        metrics["ema_acc1"] = ema_stats["acc1"]
+    return metrics
+
+
 # ---- evaluation -----------------------------------------------------------------------------------
 def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
     """``--eval``: top-1/top-5 of ``--resume`` (optionally reparameterized) on the validation split."""
-    check_model_name(cfg)
     env = init_distributed(cfg.device, cfg.dist_backend)
     try:
         _quiet_other_ranks(env)
         say = _Printer(env)
+        cfg, ckpt, settings = _open_resume(cfg)
+        check_model_name(cfg)
         _, val_ds, num_classes = build_datasets(cfg, need_train=False)
-        if not cfg.resume:
+        if ckpt is None:
             _logger.warning("--eval without --resume: evaluating randomly initialized weights")
+        else:
+            check_classes(ckpt, settings, val_ds, _data_desc(cfg))
+        # a fused checkpoint is evaluated as it is; --reparam folds a training-form one
         model = build_model(
-            cfg, num_classes, checkpoint=cfg.resume or None, reparameterized=cfg.reparam, use_ema=cfg.eval_ema
+            cfg, num_classes, checkpoint=ckpt, reparameterized=True if cfg.reparam else None, use_ema=cfg.eval_ema
         )
+        reparameterized = _is_fused(model)
         model.to(env.device).eval()
         _, val_loader = build_loaders(cfg, env, None, val_ds, torch.Generator())
         info = complexity(model, cfg.input_size) if env.is_main else {}
-        if cfg.reparam and env.is_main:
+        if reparameterized and env.is_main:
             say("evaluating the reparameterized model")
         _print_complexity(say, info)
         stats = evaluate(model, val_loader, env, sharded=env.distributed and cfg.dist_eval, log_freq=cfg.log_freq)
@@ -428,7 +455,7 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
         result = {
             "model": cfg.model,
             "checkpoint": cfg.resume or None,
-            "reparameterized": cfg.reparam,
+            "reparameterized": reparameterized,
             "ema": cfg.eval_ema,
             **stats,
             "params_m": count_params(model) / 1e6,
@@ -438,7 +465,7 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.output_dir and env.is_main:
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            name = "eval" + ("_reparam" if cfg.reparam else "") + ("_ema" if cfg.eval_ema else "") + ".json"
+            name = "eval" + ("_reparam" if reparameterized else "") + ("_ema" if cfg.eval_ema else "") + ".json"
             _write_json(out / name, result)
             say(f"wrote {out / name}")
         return result
@@ -450,40 +477,26 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
 def speed_test(cfg: TrainConfig) -> dict[str, Any]:
     """``--test_speed``: images/s of the chosen form (three measurements, as the authors print them)
     and of the other form, timed interleaved in the same process, with their ratio. No dataset needed."""
-    check_model_name(cfg)
     env = init_distributed(cfg.device, cfg.dist_backend)
     try:
         _quiet_other_ranks(env)
         say = _Printer(env)
+        cfg, ckpt, _ = _open_resume(cfg)
+        check_model_name(cfg)
         result: dict[str, Any] = {}
         if env.is_main:
-            result = _speed(cfg, env, say)
+            result = _speed(cfg, env, say, ckpt)
         barrier(env)
         return result
     finally:
         cleanup()
 
 
-def _inspect_checkpoint(path: str) -> tuple[int | None, bool]:
-    """``(head size, is it in training form)`` of a checkpoint; the head size from its saved model
-    arguments or its ``head.weight``."""
-    ckpt = load_training_checkpoint(path)
-    sd = unwrap_state_dict(ckpt)
-    training_form = not any(k.endswith(("mlp.in_proj.weight", "mlp.fc3.weight")) for k in sd)
-    num = (ckpt.get("model_kwargs") or {}).get("num_classes")
-    if not isinstance(num, int):
-        head = sd.get("head.weight")
-        num = int(head.shape[0]) if head is not None else None
-    return num, training_form
-
-
-def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer) -> dict[str, Any]:
-    num_classes, training_form = _inspect_checkpoint(cfg.resume) if cfg.resume else (None, True)
+def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer, ckpt: Checkpoint | None) -> dict[str, Any]:
+    training_form = ckpt is None or ckpt.form != "fused"
     if not training_form and not cfg.reparam:
-        raise ValueError(f"{cfg.resume} holds reparameterized weights: add --reparam to time them")
-    model = build_model(
-        cfg, cfg.nb_classes or num_classes or 1000, checkpoint=cfg.resume or None, reparameterized=not training_form
-    )
+        raise ValueError(f"{ckpt.name} holds reparameterized weights: add --reparam to time them")
+    model = build_model(cfg, cfg.nb_classes or 1000, checkpoint=ckpt, reparameterized=not training_form)
     model = model.to(env.device).eval()
     forms: dict[str, nn.Module] = {"train": model} if training_form else {"reparam": model}
     if _foldable(model):

@@ -1,0 +1,273 @@
+"""The model record: what a checkpoint says about the model its weights belong to.
+
+Every file this package writes carries one (training checkpoints, ``convert``/``reparam``
+outputs, Hub-layout folders, ONNX and TorchScript exports)::
+
+    {"format": "repavit-model", "format_version": 2,
+     "model_name": "RePaViT_Tiny",
+     "model_args": {"channel_idle": true, "idle_ratio": 0.75, "feature_norm": "BatchNorm",
+                    "heuristic": "static", "num_classes": 3, "global_pool": "token", "img_size": [224, 224]},
+     "reparameterized": false,
+     "class_names": ["cat", "dog", "fish"],
+     "repavit_version": "0.1.0"}
+
+``model_args`` holds every constructor argument that changes what the model computes: the FFN
+settings (always, even at their defaults, so a later change of defaults cannot change a file's
+meaning), the head, the input size and any size override (``depth=2``). Settings that only
+matter for training (dropout, stochastic depth) and exact inference switches
+(``class_token_shortcut``) are not recorded. The rules readers apply to it are in
+:func:`repavit.models.resolve_settings`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "FFN_ARGS",
+    "RECORD_FORMAT",
+    "CheckpointMismatchError",
+    "ModelRecord",
+    "Spelling",
+    "model_args_of",
+    "python_spelling",
+    "record_of",
+    "same_setting",
+]
+
+RECORD_FORMAT = "repavit-model"
+RECORD_VERSION = 2
+# Settings that decide what a training-form weight file means but not its tensor shapes.
+FFN_ARGS = ("channel_idle", "idle_ratio", "feature_norm", "heuristic")
+# Constructor keywords that never go into a record: how a model is built or trained, not what it computes.
+RUNTIME_ARGS = frozenset(
+    {
+        "device",
+        "dtype",
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_model_args",
+        "pretrained_strict",
+        "cache_dir",
+        "checkpoint_path",
+        "reparameterized",
+        "features_only",
+        "out_indices",
+        "feature_cls",
+        "class_token_shortcut",
+        "scriptable",
+        "exportable",
+        "no_jit",
+    }
+)
+_TRAINING_ONLY = ("drop_rate", "drop_path_rate", "attn_drop_rate", "pos_drop_rate", "proj_drop_rate")
+
+# How a setting is spelled in a message: ``spell("idle_ratio", 0.5) -> "--idle_ratio 0.5"``.
+Spelling = Callable[[str, Any], str]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model or the settings given; the message names what differs."""
+
+
+def python_spelling(key: str, value: Any) -> str:
+    """How the Python API names a setting: ``idle_ratio=0.5`` (``model_name='RePaViT_Tiny'``)."""
+    return f"{key}={value!r}"
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal model settings: floats to 1e-9, ``224 == [224, 224]``, ``heuristic`` 'none'/'' mean 'static'."""
+    a, b = _square(a), _square(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (a == b and type(a) is type(b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+    norm = {"none": "static", "": "static"}
+    if isinstance(a, str) and isinstance(b, str):
+        return norm.get(a, a) == norm.get(b, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _square(value: Any) -> Any:
+    """``[224, 224]`` -> ``224``: one spelling for square sizes."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1] and isinstance(value[0], int):
+        return value[0]
+    return value
+
+
+def jsonable(value: Any, what: str = "model argument") -> Any:
+    """``value`` as JSON types (tuples become lists); anything else is a ``ValueError`` naming it."""
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v, what) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, what) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise ValueError(f"{what} {value!r} ({type(value).__name__}) cannot be recorded: only plain values can")
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+@dataclass
+class ModelRecord:
+    """What a checkpoint's weights are: the model, its settings, its form and its classes.
+
+    Attributes:
+        model_name: registered name (``timm.create_model`` name).
+        model_args: constructor arguments that change what the model computes (see the module docstring).
+        reparameterized: the weights are the fused inference form.
+        class_names: one name per output of the head, when the training data had names.
+        repavit_version: version of the package that wrote the record.
+    """
+
+    model_name: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    reparameterized: bool = False
+    class_names: list[str] | None = None
+    repavit_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ValueError(f"model record: model_name must be a registered name, got {self.model_name!r}")
+        if not isinstance(self.model_args, Mapping):
+            raise ValueError(f"model record: model_args must be a mapping, got {type(self.model_args).__name__}")
+        self.model_args = {
+            k: jsonable(v) for k, v in self.model_args.items() if k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
+        }
+        self.reparameterized = bool(self.reparameterized)
+        if self.class_names is not None:
+            if not isinstance(self.class_names, Sequence) or not all(isinstance(c, str) for c in self.class_names):
+                raise ValueError("model record: class_names must be a list of strings")
+            self.class_names = list(self.class_names)
+            n = self.model_args.get("num_classes")
+            if isinstance(n, int) and n != len(self.class_names):
+                raise ValueError(f"model record: {len(self.class_names)} class names for a head of {n} classes")
+
+    # ---- (de)serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RECORD_FORMAT,
+            "format_version": RECORD_VERSION,
+            "model_name": self.model_name,
+            "model_args": dict(self.model_args),
+            "reparameterized": self.reparameterized,
+            "class_names": self.class_names,
+            "repavit_version": self.repavit_version or _package_version(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "checkpoint") -> ModelRecord:
+        """Read a record written by :meth:`to_dict` (or by version 1 of this package)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: the model record is a {type(data).__name__}, not a mapping")
+        version = data.get("format_version", 1)
+        if isinstance(version, int) and version > RECORD_VERSION:
+            raise ValueError(
+                f"{where} was written by a newer repavit (record version {version}, this one reads up to "
+                f"{RECORD_VERSION}); upgrade repavit"
+            )
+        try:
+            return cls(
+                model_name=data.get("model_name"),  # type: ignore[arg-type]
+                model_args=data.get("model_args") or {},
+                reparameterized=data.get("reparameterized", False),
+                class_names=data.get("class_names"),
+                repavit_version=data.get("repavit_version"),
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    # ---- for people -------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int | None:
+        n = self.model_args.get("num_classes")
+        return n if isinstance(n, int) else None
+
+    def describe(self) -> str:
+        """One line: ``RePaViT_Tiny, idle_ratio=0.75, BatchNorm FFN, 3 classes``."""
+        return describe_settings(self.model_name, self.model_args, self.reparameterized)
+
+
+def describe_settings(model_name: str, args: Mapping[str, Any], reparameterized: bool = False) -> str:
+    """``RePaViT_Tiny, idle_ratio=0.75, BatchNorm FFN, 3 classes`` (+ size overrides, the form)."""
+    parts = [model_name]
+    shown = {"channel_idle", "idle_ratio", "heuristic", "feature_norm", "num_classes", "img_size", "global_pool"}
+    if args.get("channel_idle") is False:
+        parts.append("no idle channels")
+    elif "idle_ratio" in args:
+        heuristic = args.get("heuristic")
+        parts.append(f"idle_ratio={args['idle_ratio']:g}" + (f" ({heuristic})" if heuristic == "linear" else ""))
+    if "feature_norm" in args:
+        parts.append(f"{args['feature_norm']} FFN")
+    if isinstance(args.get("num_classes"), int):
+        parts.append(f"{args['num_classes']} classes")
+    size = _square(args.get("img_size"))
+    if size is not None and size != 224:
+        parts.append(f"img_size={size}")
+    if args.get("global_pool") not in (None, "token", "avg"):
+        parts.append(f"global_pool={args['global_pool']!r}")
+    parts += [f"{k}={v}" for k, v in args.items() if k not in shown]
+    if reparameterized:
+        parts.append("reparameterized")
+    return ", ".join(parts)
+
+
+# ---- records of live models ---------------------------------------------------------------------
+def model_args_of(model: nn.Module) -> dict[str, Any]:
+    """The recordable constructor arguments of a timm-built ``model``.
+
+    timm's record of the keywords it was built with (``model._model_args``), plus the FFN
+    settings, head size, pooling and input size read off the model itself, so that defaults are
+    written out.
+    """
+    args = {
+        k: v for k, v in getattr(model, "_model_args", {}).items() if k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
+    }
+    for key in (*FFN_ARGS, "num_classes", "global_pool"):
+        value = getattr(model, key, None)
+        if isinstance(value, (str, int, float, bool)):
+            args[key] = value
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
+    if isinstance(img_size, int):
+        args["img_size"] = [img_size, img_size]
+    elif isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+        args["img_size"] = [int(s) for s in img_size]
+    return {k: jsonable(v) for k, v in args.items()}
+
+
+def model_name_of(model: nn.Module) -> str | None:
+    """The registered name a timm-built model was created under (its ``pretrained_cfg``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture")
+
+
+def record_of(
+    model: nn.Module,
+    model_name: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ModelRecord:
+    """The record of a live model (its form is read off the model)."""
+    name = model_name or model_name_of(model)
+    if not name:
+        raise ValueError("the model has no pretrained_cfg naming its architecture; pass model_name")
+    args = dict(model_args_of(model))
+    args.update(model_args or {})
+    return ModelRecord(
+        model_name=name,
+        model_args=args,
+        reparameterized=bool(getattr(model, "reparameterized", False)),
+        class_names=list(class_names) if class_names is not None else None,
+    )
