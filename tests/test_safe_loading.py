@@ -17,8 +17,7 @@ import torch
 
 import repavit
 from repavit.cli.main import main as cli
-from repavit.models import load_model
-from repavit.models import read_checkpoint, unwrap_state_dict
+from repavit.models import load_model, read_checkpoint, unwrap_state_dict
 from repavit.models.checkpoint import SAFE_GLOBALS
 
 SMALL = dict(img_size=32, depth=1, num_classes=10)
