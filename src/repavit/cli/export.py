@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         what = "TorchScript"
         nbytes = path.stat().st_size
     sidecar = write_sidecar(path, model, record, format=args.format, source=str(args.checkpoint))
-    form = "reparameterized" if loaded.reparameterized else "training form"
-    print(f"wrote {path} ({mb(nbytes)}; {record.describe()}, {form}; {what}) and {sidecar.name}")
+    form = "" if loaded.reparameterized else ", training form"
+    print(f"wrote {path} ({mb(nbytes)}; {record.describe()}{form}; {what}) and {sidecar.name}")
     if not args.no_verify:
         g = torch.Generator().manual_seed(0)
         inputs = [torch.randn(b, *size, generator=g) for b in (1, args.batch_size + 1)]

@@ -81,13 +81,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+_DATA_SETS = {
+    "IMNET": "an ImageNet-layout image folder",
+    "CIFAR": "CIFAR-100",
+    "INAT": "iNaturalist 2018",
+    "INAT19": "iNaturalist 2019",
+    "SYNTH": "synthetic images",
+}
+
+
 def _accuracy_lines(metrics: Mapping[str, Any], released: ReleasedWeights | None) -> list[str]:
     lines = []
     if released is not None and released.top1 is not None:
         lines.append(f"- ImageNet-1k top-1 reported in the paper for these weights: {released.top1}%")
     if metrics.get("acc1") is not None:
         where = f" on the {metrics['images']} validation images" if metrics.get("images") else ""
-        data = f" of {metrics['data_set']}" if metrics.get("data_set") else ""
+        data = f" ({_DATA_SETS.get(metrics['data_set'], metrics['data_set'])})" if metrics.get("data_set") else ""
         epoch = f" after epoch {metrics['epoch'] + 1}" if isinstance(metrics.get("epoch"), int) else ""
         top5 = f", top-5 {metrics['acc5']:.2f}%" if metrics.get("acc5") is not None else ""
         lines.append(f"- Accuracy measured by the training run{where}{data}{epoch}: top-1 {metrics['acc1']:.2f}%{top5}")

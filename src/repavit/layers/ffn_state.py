@@ -85,7 +85,10 @@ def convert_authors_fused(sd: dict[str, Tensor], prefix: str, has_linear: bool) 
             idles) the authors' ``fc1`` is the identity and only its bias is kept, as our output bias.
     """
     fc1_w, fc1_b = sd.pop(prefix + "fc1.weight"), sd.pop(prefix + "fc1.bias")
-    if prefix + "fc2.weight" not in sd:  # a == 0: the FFN is one linear map
+    fc2 = sd.get(prefix + "fc2.weight")
+    if fc2 is None or fc2.shape[0] == 0:  # a == 0 (no fc2/fc3, or empty ones): the FFN is one linear map
+        for key in ("fc2.weight", "fc2.bias", "fc3.weight"):
+            sd.pop(prefix + key, None)
         sd[prefix + "in_proj.weight"], sd[prefix + "in_proj.bias"] = fc1_w, fc1_b
         return
     fc2_w, fc2_b, fc3_w = sd.pop(prefix + "fc2.weight"), sd.pop(prefix + "fc2.bias"), sd.pop(prefix + "fc3.weight")

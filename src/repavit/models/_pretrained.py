@@ -167,8 +167,9 @@ def _apply_required_args(pretrained_cfg: Mapping[str, Any], kwargs: dict, record
                 kwargs[key] = value
             elif key not in ("num_classes", "img_size") and not same_setting(kwargs[key], value):
                 raise CheckpointMismatchError(
-                    f"{where} was trained with {key}={value!r}, got {key}={kwargs[key]!r}: leave {key} out "
-                    f"(it comes with the weights' record) or pass {key}={value!r}"
+                    f"{where} was trained with {key}={value!r}, the model would be built with {key}={kwargs[key]!r}: "
+                    f"pass {key}={value!r}, or load it with repavit.create_model(name, checkpoint_path=...), which "
+                    "takes every setting from the file's record"
                 )
         if record.reparameterized and not kwargs.get("reparameterized"):
             _logger.info("%s holds reparameterized weights: building the fused model", where)
@@ -298,8 +299,12 @@ def build_model_with_cfg(
     if local_file:
         kwargs = _apply_required_args(cfg, dict(kwargs), ckpt.record)
     state = ckpt.state_dict()
-    # timm loads an in-memory state dict when the cfg carries one and names no other source.
+    # timm loads an in-memory state dict when the cfg carries one and names no other source. It keeps the
+    # weights' classifier only when the model's num_classes equals the cfg's: give it the weights' own head size.
     load_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS} | {"state_dict": state}
+    head = state.get("head.weight")
+    if head is not None and head.dim() == 2:
+        load_cfg["num_classes"] = int(head.shape[0])
     model = _timm_build_model_with_cfg(
         model_cls,
         variant,

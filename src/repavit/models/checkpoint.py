@@ -112,6 +112,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] != b"PK" and not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        # neither torch.save's zip archive nor a pickle (legacy torch.save files start with a pickle too)
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (not a torch.save zip archive or pickle); is it complete?"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -133,8 +140,6 @@ def _refusal(path: str, err: Exception) -> str:
     """One line: what weights-only loading refused in ``path`` (nothing in it ran) and how to get the weights out."""
     text = str(err)
     found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"(Unsupported operand \d+)", text)
-    if found is None and re.search(r"invalid load key|could not find MARK|unpickling stack underflow", text):
-        return f"{path} is not a PyTorch checkpoint (its bytes are neither a torch.save zip nor a pickle)"
     what = f"`{found.group(1)}`" if found else "pickled objects"
     return (
         f"refusing to unpickle {path}: it needs {what}, which is not a tensor or plain value, and weights-only "

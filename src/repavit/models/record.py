@@ -270,4 +270,5 @@ def record_of(
         model_args=args,
         reparameterized=bool(getattr(model, "reparameterized", False)),
         class_names=list(class_names) if class_names is not None else None,
+        repavit_version=_package_version(),
     )

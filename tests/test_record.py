@@ -1,0 +1,184 @@
+"""The model record and the rules for files without one (the authors' releases, foreign files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import repavit
+from repavit.layers.ffn_state import ffn_forms
+from repavit.models import CheckpointMismatchError, ModelRecord, load_model, open_checkpoint, record_of, state_form
+from repavit.models.record import same_setting
+from test_export import authors_fused_state
+
+from golden import authors_state_dict
+from helpers import randomize_bn, randomize_params, rel_err
+
+SMALL = dict(img_size=32, depth=2, num_classes=10)
+
+
+def x(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _model(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("RePaViT_Tiny", **{**SMALL, **kwargs})
+    return randomize_params(randomize_bn(model), std=0.02).eval()
+
+
+# ---- the record itself --------------------------------------------------------------------------
+def test_record_round_trip_and_validation():
+    record = record_of(_model(idle_ratio=0.5), class_names=[f"c{i}" for i in range(10)])
+    assert record.model_name == "RePaViT_Tiny" and not record.reparameterized
+    args = record.model_args
+    assert args["idle_ratio"] == 0.5 and args["depth"] == 2 and args["img_size"] == [32, 32]
+    assert "drop_path_rate" not in args and "class_token_shortcut" not in args  # not what the model computes
+    assert ModelRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    assert record.describe() == "RePaViT_Tiny, idle_ratio=0.5, BatchNorm FFN, 10 classes, img_size=32, depth=2"
+    with pytest.raises(ValueError, match="3 class names for a head of 10 classes"):
+        ModelRecord("RePaViT_Tiny", {"num_classes": 10}, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="newer repavit"):
+        ModelRecord.from_dict({**record.to_dict(), "format_version": 99}, "x.pth")
+    with pytest.raises(ValueError, match="cannot be recorded"):
+        ModelRecord("RePaViT_Tiny", {"act_layer": torch.nn.GELU})
+
+
+def test_same_setting():
+    assert same_setting(0.75, 0.75 + 1e-12) and not same_setting(0.75, 0.5)
+    assert same_setting(224, [224, 224]) and not same_setting(224, [224, 192])
+    assert same_setting("none", "static") and not same_setting(True, 1)
+
+
+def test_form_detection_is_one_function_for_every_layout():
+    train, fused = _model(), repavit.reparameterize_model(_model())
+    assert state_form(train.state_dict()) == "train" and state_form(fused.state_dict()) == "fused"
+    assert state_form(authors_fused_state(train)) == "fused"
+    assert state_form(timm.create_model("deit_tiny_patch16_224", depth=1).state_dict()) is None  # plain MLP
+    assert set(
+        ffn_forms(timm.create_model("RePaViT_Tiny", feature_norm="LayerNorm", **SMALL).state_dict()).values()
+    ) == {"ln"}
+    mixed = {**train.state_dict(), **{k: v for k, v in fused.state_dict().items() if k.startswith("blocks.1.")}}
+    mixed = {k: v for k, v in mixed.items() if not (k.startswith("blocks.1.mlp.") and ("fc" in k or "norm" in k))}
+    assert state_form(mixed) == "mixed"
+
+
+# ---- record-less files: shapes decide what they can, assumptions are said ----------------------
+def test_released_shaped_file_takes_the_release_settings_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "weights.pth"
+    torch.save({"model": authors_state_dict("RePaViT_Tiny")}, path)  # 1000 classes, 224 px, 12 blocks
+    with caplog.at_level("INFO"):
+        loaded = load_model(path)
+    assert loaded.model_name == "RePaViT_Tiny" and loaded.model_args["idle_ratio"] == 0.5
+    assert loaded.released is not None and loaded.released.top1 == 69.4
+    assert "shaped like the released RePaViT_Tiny weights" in caplog.text
+    assert "from its tensor shapes: RePaViT_Tiny, 1000 classes, img_size=224, BatchNorm FFN" in caplog.text
+    # an explicit setting wins over the table, and is then the caller's claim (no released-weights card)
+    other = load_model(path, idle_ratio=0.75)
+    assert other.model.blocks[0].mlp.act_dim == 192 and other.released is None
+
+
+def test_training_form_without_record_is_refused_unless_the_ratio_is_given(tmp_path):
+    model = _model(idle_ratio=0.5)
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"records no model settings.*idle_ratio='R'") as e:
+        load_model(path, "RePaViT_Tiny", depth=2, img_size=32)
+    assert "\n" not in str(e.value)
+    loaded = load_model(path, "RePaViT_Tiny", depth=2, img_size=32, idle_ratio=0.5)
+    assert loaded.model_args["channel_idle"] is True and loaded.model_args["num_classes"] == 10  # from the head
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x()), model(x()), rtol=0, atol=0)
+    plain = load_model(path, "RePaViT_Tiny", depth=2, img_size=32, channel_idle=False)  # plain FFNs: nothing to guess
+    assert plain.model.blocks[0].mlp.act_dim == 768
+
+
+@pytest.mark.parametrize(
+    ("idle_ratio", "heuristic"), [(0.5, "static"), (0.75, "static"), (0.75, "linear"), (0.0, "static")]
+)
+def test_fused_file_without_record_has_its_idle_ratio_read_off_its_shapes(tmp_path, caplog, idle_ratio, heuristic):
+    model = _model(idle_ratio=idle_ratio, heuristic=heuristic, depth=4)
+    path = tmp_path / "fused.pth"
+    torch.save({"model": authors_fused_state(model)}, path)
+    with caplog.at_level("INFO"):
+        loaded = load_model(path, "RePaViT_Tiny", depth=4, img_size=32)
+    assert loaded.reparameterized
+    assert [blk.mlp.act_dim for blk in loaded.model.blocks] == [blk.mlp.act_dim for blk in model.blocks]
+    with torch.no_grad():
+        assert rel_err(loaded.model(x()), model(x())) < 1e-5
+    assert "from its tensor shapes" in caplog.text
+
+
+def test_authors_pickled_args_are_a_record(tmp_path):
+    import argparse
+
+    model = _model(idle_ratio=0.5)
+    ns = argparse.Namespace(model="RePaViT_Tiny", channel_idle=True, idle_ratio=0.5, feature_norm="BatchNorm",
+                            heuristic="none", nb_classes=10, input_size=32)  # fmt: skip
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": ns}, path)
+    ckpt = open_checkpoint(path)
+    assert ckpt.layout == "authors-train" and ckpt.record.model_args["heuristic"] == "static"
+    with pytest.raises(CheckpointMismatchError, match="the training args|trained with idle_ratio=0.5"):
+        load_model(path, depth=2, idle_ratio=0.75)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path, depth=2).model(x()), model(x()), rtol=0, atol=0)
+
+
+# ---- RePaViT's filter: the shared FFN helpers, any mlp_ratio ------------------------------------
+def test_repavit_filter_has_no_mlp_ratio_assumption(tmp_path):
+    """mlp_ratio=3 (RePa-LV-ViT's): the authors' fused layout converts and a wrong idle ratio is named."""
+    model = _model(mlp_ratio=3.0, idle_ratio=0.5)
+    assert model.blocks[0].mlp.hidden_dim == 576 and model.blocks[0].mlp.act_dim == 288
+    path = tmp_path / "fused.pth"
+    torch.save({"model": authors_fused_state(model)}, path)
+    loaded = load_model(path, "RePaViT_Tiny", mlp_ratio=3.0, depth=2, img_size=32)
+    assert loaded.model_args["idle_ratio"] == 0.5
+    with torch.no_grad():
+        assert rel_err(loaded.model(x()), model(x())) < 1e-5
+    with pytest.raises(CheckpointMismatchError, match=r"activates 288 of 576 hidden channels \(idle_ratio ~0\.5\)"):
+        load_model(path, "RePaViT_Tiny", mlp_ratio=3.0, depth=2, img_size=32, idle_ratio=0.75)
+    # nothing idles: the authors' fc1 is the identity and the shared converter keeps it out of the fused form
+    full = _model(mlp_ratio=3.0, channel_idle=False)
+    torch.save({"model": authors_fused_state(full)}, path)
+    loaded = load_model(path, "RePaViT_Tiny", mlp_ratio=3.0, depth=2, img_size=32)
+    assert loaded.model_args["channel_idle"] is False and not loaded.model.blocks[0].mlp.has_linear
+    with torch.no_grad():
+        assert rel_err(loaded.model(x()), full(x())) < 1e-5
+
+
+# ---- corrupt files: one line, no traceback ------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_corrupt_files_are_one_line_errors(tmp_path, suffix):
+    model = _model()
+    good = tmp_path / f"good{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": model.state_dict()}, good)
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, good)
+    data = good.read_bytes()
+    for name, content in (("truncated", data[: len(data) // 2]), ("garbage", bytes(range(256)) * 64)):
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            open_checkpoint(path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and "weights_only=False" not in msg, msg
+
+
+def test_timm_pretrained_file_overlay_honours_the_record(tmp_path):
+    model = _model(idle_ratio=0.5)
+    path = tmp_path / "ours.pth"
+    repavit.models.save_checkpoint(path, model.state_dict(), record_of(model))
+    built = timm.create_model("RePaViT_Tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=2)
+    assert built.idle_ratio == 0.5 and built.num_classes == 10 and built.patch_embed.img_size == (32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(built.eval()(x()), model(x()), rtol=0, atol=0)
+    with pytest.raises(CheckpointMismatchError, match="was trained with idle_ratio=0.5"):
+        timm.create_model(
+            "RePaViT_Tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=2, idle_ratio=0.75
+        )
