@@ -108,6 +108,10 @@ def provenance(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
     extra: dict[str, Any] = {"source": str(args.checkpoint) + (" (EMA weights)" if args.use_ema else "")}
     if loaded.metrics:
         extra["metrics"] = loaded.metrics
+    if loaded.released is not None:
+        extra["released"] = f"{loaded.released.names[0]}.{loaded.released.tag}"
+    if loaded.assumptions:  # settings the source did not record: the record now states them, so keep why
+        extra["assumed"] = loaded.assumptions
     return extra
 
 

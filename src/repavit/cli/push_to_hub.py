@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
         reference, model = model, reparameterize_model(model)
     record = record_of(model, loaded.model_name, loaded.model_args, loaded.class_names)
     numbers = measure_model(model, reference)
-    out = save_hub_folder(model, args.output_dir, record, args.repo_id, numbers, loaded.metrics, loaded.released)
+    out = save_hub_folder(
+        model, args.output_dir, record, args.repo_id, numbers, loaded.metrics, loaded.released, loaded.assumptions
+    )
     print(f"wrote {out}/config.json, model.safetensors, README.md ({record.describe()})")
     for key, value in numbers.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")

@@ -119,6 +119,7 @@ def model_card(
     repo_id: str | None = None,
     metrics: Mapping[str, Any] | None = None,
     released: ReleasedWeights | None = None,
+    assumptions: list[str] | None = None,
 ) -> str:
     """Markdown model card (YAML front matter as the Hub expects), written from the model record.
 
@@ -159,8 +160,13 @@ def model_card(
         f"- Model: {record.describe()}",
         f"- Model settings: {settings}" if settings else "- Model settings: defaults",
         f"- Model arguments: `{json.dumps(dict(args))}`",
-        *_class_lines(record.class_names, args.get("num_classes")),
+        *(
+            ["- Classes: the 1000 ImageNet-1k classes"]
+            if released
+            else _class_lines(record.class_names, args.get("num_classes"))
+        ),
         *_accuracy_lines(metrics or {}, released),
+        *[f"- Assumed (the source file did not record it): {a}" for a in assumptions or []],
         "- Paper: https://arxiv.org/abs/2505.21847",
         "- Original code: https://github.com/Ackesnal/RePaViT",
         "",
@@ -200,6 +206,7 @@ def save_hub_folder(
     numbers: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     released: ReleasedWeights | None = None,
+    assumptions: list[str] | None = None,
 ) -> Path:
     """Write ``model`` as a Hub-layout folder (``config.json``, ``model.safetensors``, ``README.md``).
 
@@ -212,6 +219,7 @@ def save_hub_folder(
         numbers: measured numbers for the model card; defaults to :func:`measure_model` (no reference).
         metrics: the accuracy the training run recorded with the weights (``acc1``, ``acc5``, ...).
         released: the released weights these are, if they are the authors' (the card then cites the paper).
+        assumptions: what no file recorded about the model (listed in the card).
 
     Returns:
         The folder.
@@ -242,7 +250,7 @@ def save_hub_folder(
     config[HUB_RECORD_KEY] = record.to_dict()
     write_json(out / "config.json", config)
     numbers = dict(numbers) if numbers is not None else measure_model(model)
-    card = model_card(record, numbers, repo_id, metrics, released)
+    card = model_card(record, numbers, repo_id, metrics, released, assumptions)
     atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card))
     _logger.info("wrote Hub-layout folder %s", out)
     return out

@@ -253,7 +253,8 @@ class Checkpoint:
         record: the model record, or None for a record-less file (the authors' releases, foreign files).
         record_origin: where the record came from, for messages (``"its model record"``, ``"the training
             args pickled in it"``).
-        info: the other entries stored beside a safetensors record (``source``, ``metrics``, ...).
+        info: the other entries stored beside a safetensors record (``source``, ``metrics``,
+            ``released``, ``assumed``, ...).
     """
 
     path: Path

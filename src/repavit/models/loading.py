@@ -86,6 +86,7 @@ class Settings:
         warnings: lines for assumptions the file did not back (the released-weights table, defaults).
         class_names: the head's class names, when recorded.
         released: the released weights the settings were taken from, if they were.
+        assumed: assumptions an earlier conversion made and recorded with the file.
     """
 
     model_name: str
@@ -94,6 +95,7 @@ class Settings:
     warnings: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     released: ReleasedWeights | None = None
+    assumed: list[str] = field(default_factory=list)
 
 
 def resolve_settings(
@@ -143,6 +145,15 @@ def _from_record(ckpt: Checkpoint, model_name: str | None, given: dict[str, Any]
             )
     args = {**record.model_args, **given}
     settings = Settings(record.model_name, args, class_names=record.class_names)
+    assumed = ckpt.info.get("assumed")  # what a conversion had to assume, carried with the file
+    if isinstance(assumed, list):
+        settings.assumed = [str(a) for a in assumed]
+    released = ckpt.info.get("released")  # a conversion of the authors' release says so
+    if isinstance(released, str):
+        name, _, tag = released.partition(".")
+        entry = released_weights(name, tag or None)
+        if entry is not None and all(same_setting(args.get(k), v) for k, v in entry.model_args.items()):
+            settings.released = entry
     taken = [k for k in record.model_args if k not in given]
     if taken or not model_name:
         settings.notes.append(f"model from checkpoint: {describe_settings(record.model_name, args)}")
@@ -319,6 +330,7 @@ class LoadedModel:
         released: the released weights these are, when known (``pretrained=True``, or a record-less
             file shaped like a release).
         metrics: the evaluation training recorded with the weights (``acc1``, ``epoch``, ...), if any.
+        assumed: assumptions an earlier conversion made and recorded with the file.
     """
 
     model: nn.Module
@@ -328,6 +340,12 @@ class LoadedModel:
     warnings: list[str] = field(default_factory=list)
     released: ReleasedWeights | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    assumed: list[str] = field(default_factory=list)
+
+    @property
+    def assumptions(self) -> list[str]:
+        """Everything about the model that no file recorded (this load's warnings, and earlier conversions')."""
+        return [*self.warnings, *self.assumed]
 
     @property
     def model_name(self) -> str:
@@ -419,6 +437,7 @@ def load_model(
         settings.warnings,
         settings.released,
         {k: v for k, v in metrics.items() if v is not None},
+        settings.assumed,
     )
 
 

@@ -218,7 +218,9 @@ def describe_settings(model_name: str, args: Mapping[str, Any], reparameterized:
         parts.append(f"img_size={size}")
     if args.get("global_pool") not in (None, "token", "avg"):
         parts.append(f"global_pool={args['global_pool']!r}")
-    parts += [f"{k}={v}" for k, v in args.items() if k not in shown]
+    parts += [
+        f"{k}={v}" for k, v in args.items() if k not in shown and k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
+    ]
     if reparameterized:
         parts.append("reparameterized")
     return ", ".join(parts)
