@@ -26,6 +26,7 @@ from repavit.cli.rocksdb import FolderSource, build_db
 from repavit.data.folder import image_folder
 from repavit.data.robust import BadImageError, RobustDataset
 from repavit.data.rocksdb import KEY_CACHE_SUFFIX, RocksDBDataset
+from repavit.errors import MissingExtraError
 
 # "a" is a prefix of "a-b": RocksDB's bytewise key order ("a-b/..." < "a/...") differs from ImageFolder's.
 CLASSES = ("a", "a-b", "b")
@@ -232,7 +233,7 @@ def test_missing_database_and_missing_binding(tmp_path, monkeypatch):
         RocksDBDataset(tmp_path / "plain")
     _write_raw_db(tmp_path / "x.db", {"a/b.png": b"x"})
     monkeypatch.setitem(sys.modules, "rocksdict", None)  # import fails as if not installed
-    with pytest.raises(RuntimeError, match=r"pip install 'repavit\[rocksdb\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'repavit\[rocksdb\]'"):
         RocksDBDataset(tmp_path / "x.db")
 
 

@@ -128,6 +128,8 @@ def test_resumed_run_ends_with_the_same_weights(trained, tmp_path):
         for line in text.splitlines()
     ]
     rows = timeless((out / "log.txt").read_text())
+    assert rows[0]["event"] == "resumed" and rows[0]["next_epoch"] == 3 and rows[0]["next_step"] == 0
+    rows = rows[1:]
     assert [r["epoch"] for r in rows] == [3, 4, 5]  # only the remaining epochs ran
     assert rows == timeless((trained / "log.txt").read_text())[3:]
 

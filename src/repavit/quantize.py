@@ -17,13 +17,14 @@ import warnings
 import torch
 from torch import nn
 
+from .errors import UserError
 from .layers.idle_mlp import FusedIdleMlp
 
 
 def quantize_int8(model: nn.Module, keep_identity_separate: bool = True, inplace: bool = False) -> nn.Module:
     """Return an int8 dynamically quantized copy of a reparameterized model (CPU)."""
     if any(m.__class__.__name__ == "ChannelIdleMlp" for m in model.modules()):
-        raise ValueError("quantize_int8 expects a reparameterized model; call repavit.reparameterize_model first")
+        raise UserError("quantize_int8 expects a reparameterized model; call repavit.reparameterize_model first")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()

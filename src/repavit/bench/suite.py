@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import MissingExtraError, UserError
 from ..layers.attention import PreNormAttention
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
 from ..models import reparameterize_model
@@ -77,7 +78,7 @@ def _onnxruntime_runner(model: nn.Module, example: Tensor) -> Callable[[Tensor],
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise RuntimeError("the onnxruntime form needs the ONNX extra: pip install 'repavit[onnx]'") from e
+        raise MissingExtraError("the onnxruntime form needs the ONNX extra: pip install 'repavit[onnx]'") from e
     path = os.path.join(tempfile.mkdtemp(prefix="repavit-bench-"), "model.onnx")
     torch.onnx.export(
         model,
@@ -140,7 +141,7 @@ def build_inference_forms(model: nn.Module, forms: Sequence[str], example: Tenso
         elif form == "onnxruntime":
             out[form] = _onnxruntime_runner(fused, example)
         else:
-            raise ValueError(f"unknown form {form!r}; expected one of {', '.join(INFERENCE_FORMS)}")
+            raise UserError(f"unknown form {form!r}; expected one of {', '.join(INFERENCE_FORMS)}")
     return out
 
 
@@ -438,7 +439,7 @@ def plot_results(results: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("plotting needs matplotlib: pip install 'repavit[bench]'") from e
+        raise MissingExtraError("plotting needs matplotlib: pip install 'repavit[bench]'") from e
     models = results["models"]
     width = max(5.5, 0.7 * max(len(e["forms"]) for e in models.values()) + 1.5)
     fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 4.6), squeeze=False)

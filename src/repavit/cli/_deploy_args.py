@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
+
 
 def add_source_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
     """``CHECKPOINT`` plus the options that say which model it is for."""
@@ -56,7 +58,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for item in getattr(args, "model_arg", []) or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -98,7 +100,7 @@ def load_from_args(args: argparse.Namespace, reparameterized: bool | None = None
 def check_output(output: str) -> None:
     """``-o`` of convert/reparam names a stem: ``X`` or ``X.safetensors`` (writes X.safetensors and X.json)."""
     if output.endswith((".pth", ".pt", ".bin", ".onnx")):
-        raise ValueError(
+        raise UserError(
             f"-o {output}: this command writes OUTPUT.safetensors and OUTPUT.json; give -o without a suffix"
         )
 

@@ -50,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.suite import run_suite
+    from ..errors import UserError
+    from ..models import is_repa_model, list_models
 
+    for name in args.models:
+        if not is_repa_model(name):
+            names = ", ".join(n for n in list_models() if n.startswith("RePa"))
+            raise UserError(f"unknown model {name!r} (bench times RePa models against their vanilla twins): {names}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_suite(

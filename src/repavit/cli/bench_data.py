@@ -20,6 +20,8 @@ import tempfile
 import time
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = ["make_synthetic_folder", "measure", "register", "run"]
 
 _logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def make_synthetic_folder(
     from PIL import Image
 
     if num_images < num_classes or num_classes < 1:
-        raise ValueError(
+        raise UserError(
             f"--synthetic needs at least one image per class, got {num_images} images, {num_classes} classes"
         )
     rng = np.random.default_rng(seed)
@@ -139,12 +141,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     if min(args.workers) < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     for name in ("batch_size", "batches", "rounds", "input_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.synthetic is not None and args.synthetic < 1:
-        raise ValueError(f"--synthetic must be >= 1, got {args.synthetic}")
+        raise UserError(f"--synthetic must be >= 1, got {args.synthetic}")
 
 
 def _datasets(folder: str, db: str, mode: str, input_size: int) -> dict[str, Any]:
@@ -163,7 +165,7 @@ def _datasets(folder: str, db: str, mode: str, input_size: int) -> dict[str, Any
     root = sets["ImageFolder"].root
     names = [os.path.relpath(p, root).replace(os.sep, "/") for p, _ in sets["ImageFolder"].samples]
     if names != list(sets["RocksDB"].keys()):
-        raise ValueError(f"{folder} and {db} do not hold the same images (different file names or classes)")
+        raise UserError(f"{folder} and {db} do not hold the same images (different file names or classes)")
     return {k: _Raw(v) for k, v in sets.items()} if mode == "read" else sets
 
 

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import safetensors.torch
 
+    from ..errors import VerificationError
     from ..export import tensor_bytes
     from ..models import save_checkpoint
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     reread = safetensors.torch.load_file(weights)
     own = loaded.model.state_dict()
     if reread.keys() != own.keys() or any(not reread[k].equal(own[k].cpu()) for k in own):
-        raise RuntimeError(f"{weights} does not read back equal to the loaded model")
+        raise VerificationError(f"{weights} does not read back equal to the loaded model")
     form = "reparameterized" if loaded.reparameterized else "training form"
     print(f"{loaded.record.describe()} ({form}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f}M params)")
     print(f"model args: {loaded.model_args}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UserError
 from ._deploy_args import add_model_args
 
 
@@ -47,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ._deploy_args import load_from_args
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if args.checkpoint is None and not args.pretrained:
-        raise ValueError("give the weights: --checkpoint FILE_OR_FOLDER or --pretrained (with --model)")
+        raise UserError("give the weights: --checkpoint FILE_OR_FOLDER or --pretrained (with --model)")
     for f in args.images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"image not found: {f}")
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             img = Image.open(f).convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {f}: {e}") from None
+            raise UserError(f"cannot read image {f}: {e}") from None
         with torch.no_grad():
             probs = model(transform(img).unsqueeze(0).to(args.device)).softmax(-1)[0]
         top = probs.topk(k)

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import VerificationError
     from ..export import input_size_of, tensor_bytes
     from ..models import record_of, reparameterize_model, save_checkpoint
 
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         rel = diff / max(ref.abs().max().item(), 1e-30)
         print(f"max |fused - training| on {args.batch_size} random images: {diff:.3g} (relative {rel:.3g})")
         if rel > args.rtol:
-            raise RuntimeError(f"reparameterized outputs differ by {rel:.3g} relative > {args.rtol:g}; not written")
+            raise VerificationError(
+                f"reparameterized outputs differ by {rel:.3g} relative > {args.rtol:g}; not written"
+            )
     record = record_of(fused, loaded.model_name, loaded.model_args, loaded.class_names)
     weights, config = save_checkpoint(args.output, fused.state_dict(), record, provenance(args, loaded))
     print(f"wrote {weights} ({mb(weights.stat().st_size)} on disk) and {config}")

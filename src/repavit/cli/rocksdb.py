@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = ["FolderSource", "ImageNetTrainTar", "ImageNetValTar", "build_db", "register", "run_build", "run_info"]
 
 _logger = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class FolderSource:
             try:
                 key.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError(f"file name is not valid UTF-8, cannot be a RocksDB key: {path!r}") from None
+                raise UserError(f"file name is not valid UTF-8, cannot be a RocksDB key: {path!r}") from None
             yield Item(key, os.path.getsize(path), functools.partial(_read_file, path))
 
 
@@ -92,7 +94,7 @@ def _read_file(path: str) -> bytes:
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     f = tar.extractfile(member)
     if f is None:
-        raise ValueError(f"tar member {member.name} has no data")
+        raise UserError(f"tar member {member.name} has no data")
     return f.read()
 
 
@@ -101,7 +103,7 @@ def _check_tar(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     if not tarfile.is_tarfile(path):
-        raise ValueError(f"{what} {path} is not a tar file")
+        raise UserError(f"{what} {path} is not a tar file")
     return path
 
 
@@ -122,7 +124,7 @@ class ImageNetTrainTar:
             names = [posixpath.basename(m.name) for m in outer.getmembers() if m.isfile()]
         inner = [n for n in names if n.endswith(".tar")]
         if not inner:
-            raise ValueError(f"training tar {self.path} holds no per-class <wnid>.tar files")
+            raise UserError(f"training tar {self.path} holds no per-class <wnid>.tar files")
         if len(inner) != len(names):
             _logger.warning(
                 "training tar %s: ignoring %d members that are not .tar files", self.path, len(names) - len(inner)
@@ -165,12 +167,12 @@ def read_val_labels(path: str | os.PathLike) -> list[str]:
     while labels and not labels[-1]:
         labels.pop()
     if not labels:
-        raise ValueError(f"validation label file {path} is empty (expected one wnid per line)")
+        raise UserError(f"validation label file {path} is empty (expected one wnid per line)")
     for i, lab in enumerate(labels, start=1):
         if not lab or "/" in lab or any(ch.isspace() for ch in lab):
-            raise ValueError(f"{path} line {i}: {lab!r} is not a class name (expected one wnid per line)")
+            raise UserError(f"{path} line {i}: {lab!r} is not a class name (expected one wnid per line)")
     if all(lab.isdigit() for lab in labels):
-        raise ValueError(
+        raise UserError(
             f"{path} holds numbers, not class names: expected one wnid per line (e.g. n01751748), "
             "not the devkit's numeric ILSVRC ids"
         )
@@ -191,12 +193,12 @@ class ImageNetValTar:
         with tarfile.open(self.path, "r:") as tf:
             names = sorted(posixpath.basename(m.name) for m in tf.getmembers() if m.isfile() and _image_ext(m.name))
         if not names:
-            raise ValueError(f"validation tar {self.path} holds no image files")
+            raise UserError(f"validation tar {self.path} holds no image files")
         if len(set(names)) != len(names):
-            raise ValueError(f"validation tar {self.path} holds two images with the same file name")
+            raise UserError(f"validation tar {self.path} holds two images with the same file name")
         labels = read_val_labels(self.labels_path)
         if len(labels) != len(names):
-            raise ValueError(
+            raise UserError(
                 f"{self.labels_path} has {len(labels)} labels but {self.path} holds {len(names)} images "
                 "(expected one label per image, in sorted file-name order)"
             )
@@ -265,7 +267,7 @@ def _prepare(db_path: str, source: Any, resume: bool, overwrite: bool) -> bool:
     if os.path.exists(db_path) and not os.path.isdir(db_path):
         raise NotADirectoryError(f"{db_path} exists and is not a folder (expected a RocksDB database or nothing)")
     if os.path.isdir(db_path) and os.listdir(db_path) and not is_rocksdb(db_path):
-        raise ValueError(f"{db_path} exists and is not a RocksDB database; choose another --output or remove it")
+        raise UserError(f"{db_path} exists and is not a RocksDB database; choose another --output or remove it")
     if not is_rocksdb(db_path):
         return False
     if overwrite:
@@ -286,7 +288,7 @@ def _prepare(db_path: str, source: Any, resume: bool, overwrite: bool) -> bool:
         what = "is an unfinished build of another source"
     else:
         what = "already holds images (not written by this tool)"
-    raise ValueError(
+    raise UserError(
         f"{db_path} {what}; pass --resume to add only the missing images, or --overwrite to delete and rebuild it"
     )
 
@@ -326,9 +328,9 @@ def build_db(
     rd = _rocksdict()
     db_path = os.path.abspath(os.fspath(db_path))
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
+        raise UserError("--resume and --overwrite exclude each other")
     if batch_size < 1 or batch_bytes < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {batch_size} images and {batch_bytes} bytes")
+        raise UserError(f"batch sizes must be >= 1, got {batch_size} images and {batch_bytes} bytes")
     resuming = _prepare(db_path, source, resume, overwrite)
     t0 = time.perf_counter()
     db = open_rocksdb(db_path, read_only=False, create=True)
@@ -349,7 +351,7 @@ def build_db(
             for item in source:
                 key = item.key.encode("utf-8")
                 if key in expected:
-                    raise ValueError(f"two images map to the same key {item.key!r} in {source.describe()['path']}")
+                    raise UserError(f"two images map to the same key {item.key!r} in {source.describe()['path']}")
                 expected[key] = item.size
                 if key in existing:
                     skipped += 1
@@ -370,7 +372,7 @@ def build_db(
         db.close()
         del db
     if not expected:
-        raise ValueError(f"{source.describe()['path']} holds no images")
+        raise UserError(f"{source.describe()['path']} holds no images")
     keys = _verify(db_path, expected)
     ordered, classes, targets = sort_keys(keys, db_path)
     write_key_cache(db_path, ordered, classes, targets)
@@ -423,7 +425,7 @@ def _verify(db_path: str, expected: dict[bytes, int]) -> list[bytes]:
             problems.append(f"{len(extra)} keys not in the source (e.g. {extra[0].decode('utf-8', 'replace')})")
         if wrong:
             problems.append(f"{len(wrong)} values of the wrong size (e.g. {wrong[0].decode('utf-8', 'replace')})")
-        raise ValueError(f"verification of {db_path} failed: {'; '.join(problems)}")
+        raise UserError(f"verification of {db_path} failed: {'; '.join(problems)}")
     return keys
 
 
@@ -470,11 +472,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
     if not args.train and not args.val:
-        raise ValueError("nothing to build: give --train and/or --val")
+        raise UserError("nothing to build: give --train and/or --val")
     out: list[tuple[str, Any]] = []
     if args.source == "folder":
         if args.val_labels:
-            raise ValueError("--val-labels is for --source imagenet-tar (folders hold their labels as sub-folders)")
+            raise UserError("--val-labels is for --source imagenet-tar (folders hold their labels as sub-folders)")
         for split, path in (("train", args.train), ("val", args.val)):
             if path:
                 out.append((split, FolderSource(path)))
@@ -483,14 +485,14 @@ def _sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
             out.append(("train", ImageNetTrainTar(args.train)))
         if args.val:
             if not args.val_labels:
-                raise ValueError("--source imagenet-tar with --val needs --val-labels FILE (one wnid per line)")
+                raise UserError("--source imagenet-tar with --val needs --val-labels FILE (one wnid per line)")
             out.append(("val", ImageNetValTar(args.val, args.val_labels)))
         elif args.val_labels:
-            raise ValueError("--val-labels given without --val")
+            raise UserError("--val-labels given without --val")
     if len(out) == 2 and out[0][1].classes != out[1][1].classes:
         a, b = set(out[0][1].classes), set(out[1][1].classes)
         diff = sorted(a ^ b)
-        raise ValueError(
+        raise UserError(
             f"training and validation sources have different classes ({len(a)} vs {len(b)}; e.g. {', '.join(diff[:3])})"
         )
     return out

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..train.config import GROUPS, TrainConfig, config_fields, load_yaml
+from ._run import Parser, run_command
 
 __all__ = ["add_config_arguments", "build_seed_parser", "config_from_args", "register", "run", "seed_main"]
 
@@ -27,7 +26,6 @@ _MODES = {
     "eval": ("evaluate a checkpoint: top-1/top-5 (same as train --eval)", "eval"),
     "speed": ("measure inference throughput, no dataset needed (same as train --test_speed)", "test_speed"),
 }
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, RuntimeError)
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -110,12 +108,13 @@ def run(args: argparse.Namespace) -> int:
     from ..train.fit import run as run_config
 
     cfg = config_from_args(args, getattr(args, "_mode", None))
-    run_config(cfg)
-    return 0
+    result = run_config(cfg)
+    stopped = result.get("stopped") if isinstance(result, dict) else None
+    return 128 + int(stopped["signum"]) if stopped else 0  # like a process ended by the signal, but saved
 
 
 def build_seed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="main.py",
         description="RePaViT training, evaluation (--eval) and speed test (--test_speed), seed-compatible flags.",
     )
@@ -127,12 +126,4 @@ def build_seed_parser() -> argparse.ArgumentParser:
 def seed_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the root ``main.py`` (``torchrun --nproc_per_node=N main.py --model=... ``)."""
     args = build_seed_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        if args.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"main.py: error: {msg}", file=sys.stderr)
-        return 2
+    return run_command("main.py", run, args)

@@ -8,7 +8,8 @@ from .cifar import CIFAR100Local
 from .datasets import DATASETS, build_dataset, dataset_classes
 from .folder import image_folder, scan_image_folder
 from .inat import INAT_CATEGORIES, INatDataset
-from .samplers import RASampler, ShardedEvalSampler
+from .samplers import RASampler, ShardedEvalSampler, SkipFirst
+from .seeded import SeededSamples
 from .synthetic import SyntheticImages
 from .transforms import TransformConfig, build_transform, three_augment
 
@@ -18,7 +19,9 @@ __all__ = [
     "CIFAR100Local",
     "INatDataset",
     "RASampler",
+    "SeededSamples",
     "ShardedEvalSampler",
+    "SkipFirst",
     "SyntheticImages",
     "TransformConfig",
     "build_dataset",

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = ["CIFAR100Local"]
 
 _RECORD = 2 + 3 * 32 * 32  # binary format: coarse label, fine label, 3072 pixels
@@ -45,7 +47,7 @@ def _load_pickle(path: str) -> dict:
     with open(path, "rb") as f:
         obj = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a CIFAR dictionary")
+        raise UserError(f"{path} does not hold a CIFAR dictionary")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -90,7 +92,7 @@ class CIFAR100Local(Dataset):
                 raise FileNotFoundError(f"CIFAR-100 file missing: {p}")
         d = _load_pickle(split)
         if "data" not in d or "fine_labels" not in d:
-            raise ValueError(f"{split} has no 'data'/'fine_labels' entries: not a CIFAR-100 file")
+            raise UserError(f"{split} has no 'data'/'fine_labels' entries: not a CIFAR-100 file")
         data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in _load_pickle(meta)["fine_label_names"]]
         return np.ascontiguousarray(data), [int(t) for t in d["fine_labels"]], classes
@@ -104,7 +106,7 @@ class CIFAR100Local(Dataset):
                 raise FileNotFoundError(f"CIFAR-100 file missing: {p}")
         raw = np.fromfile(split, dtype=np.uint8)
         if raw.size == 0 or raw.size % _RECORD:
-            raise ValueError(f"{split} is not a CIFAR-100 binary file (size not a multiple of {_RECORD} bytes)")
+            raise UserError(f"{split} is not a CIFAR-100 binary file (size not a multiple of {_RECORD} bytes)")
         rec = raw.reshape(-1, _RECORD)
         data = rec[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         with open(names) as f:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .cifar import CIFAR100Local
 from .folder import image_folder
 from .inat import INatDataset
@@ -22,7 +23,7 @@ def dataset_classes(dataset: Dataset) -> list[str]:
     """Class names of a dataset built here (every one of them exposes ``classes``)."""
     classes = getattr(dataset, "classes", None)
     if classes is None:
-        raise ValueError(f"{type(dataset).__name__} exposes no 'classes'; cannot tell the number of classes")
+        raise UserError(f"{type(dataset).__name__} exposes no 'classes'; cannot tell the number of classes")
     return list(classes)
 
 
@@ -31,12 +32,12 @@ def _rocksdb(path: str, is_train: bool, transform: Callable | None) -> Dataset:
         from .rocksdb import RocksDBDataset
     except ModuleNotFoundError as e:
         if e.name in (f"{__package__}.rocksdb",):
-            raise ValueError(
+            raise UserError(
                 "RocksDB support is not installed in this build of repavit (module repavit.data.rocksdb is missing)"
             ) from None
-        raise ValueError(f"RocksDB support needs a missing module: {e.name}") from None
+        raise UserError(f"RocksDB support needs a missing module: {e.name}") from None
     except ImportError as e:
-        raise ValueError(f"RocksDB support could not be loaded: {e}") from None
+        raise UserError(f"RocksDB support could not be loaded: {e}") from None
     db = os.path.join(path, "train.db" if is_train else "val.db")
     if not os.path.exists(db):
         raise FileNotFoundError(f"RocksDB database not found: {db} (expected train.db and val.db in {path})")
@@ -45,7 +46,7 @@ def _rocksdb(path: str, is_train: bool, transform: Callable | None) -> Dataset:
 
 def _imagenet_layout(data_path: str, is_train: bool, transform: Callable | None) -> Dataset:
     if not data_path:
-        raise ValueError("--data_path is required: a folder with train/ and val/, one sub-folder per class in each")
+        raise UserError("--data_path is required: a folder with train/ and val/, one sub-folder per class in each")
     if not os.path.exists(data_path):
         raise FileNotFoundError(f"data folder not found: {data_path} (expected train/ and val/ inside)")
     if not os.path.isdir(data_path):
@@ -54,7 +55,7 @@ def _imagenet_layout(data_path: str, is_train: bool, transform: Callable | None)
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         if not os.listdir(data_path):
-            raise ValueError(f"data folder {data_path} is empty: expected train/ and val/, one sub-folder per class")
+            raise UserError(f"data folder {data_path} is empty: expected train/ and val/, one sub-folder per class")
         raise FileNotFoundError(f"no {split}/ folder in {data_path} (expected {root}/<class>/<image>)")
     return image_folder(root, transform=transform)
 
@@ -88,7 +89,7 @@ def build_dataset(
         seed: seed of the synthetic images.
     """
     if data_set not in DATASETS:
-        raise ValueError(f"unknown --data_set {data_set!r}; expected one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown --data_set {data_set!r}; expected one of {', '.join(DATASETS)}")
     if data_set == "SYNTH":
         ds: Dataset = SyntheticImages(
             synthetic_size,
@@ -100,19 +101,19 @@ def build_dataset(
         )
     elif rocksdb:
         if data_set != "IMNET":
-            raise ValueError(f"--rocksdb holds ImageNet-layout data; it cannot be combined with --data_set {data_set}")
+            raise UserError(f"--rocksdb holds ImageNet-layout data; it cannot be combined with --data_set {data_set}")
         ds = _rocksdb(rocksdb, is_train, transform)
     elif data_set == "IMNET":
         ds = _imagenet_layout(data_path, is_train, transform)
     elif data_set == "CIFAR":
         if not data_path:
-            raise ValueError("--data_path is required for --data_set CIFAR (a folder with cifar-100-python/)")
+            raise UserError("--data_path is required for --data_set CIFAR (a folder with cifar-100-python/)")
         ds = CIFAR100Local(data_path, train=is_train, transform=transform)
     else:
         if not data_path:
-            raise ValueError(f"--data_path is required for --data_set {data_set} (the iNaturalist folder)")
+            raise UserError(f"--data_path is required for --data_set {data_set} (the iNaturalist folder)")
         year = 2018 if data_set == "INAT" else 2019
         ds = INatDataset(data_path, train=is_train, year=year, category=inat_category, transform=transform)
     if len(ds) == 0:
-        raise ValueError(f"the {'training' if is_train else 'validation'} split of {data_set} has no images")
+        raise UserError(f"the {'training' if is_train else 'validation'} split of {data_set} has no images")
     return ds, len(dataset_classes(ds))

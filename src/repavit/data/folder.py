@@ -8,6 +8,8 @@ from collections.abc import Callable
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UserError
+
 __all__ = ["IMG_EXTENSIONS", "image_folder", "scan_image_folder"]
 
 
@@ -30,7 +32,7 @@ def scan_image_folder(root: str | os.PathLike) -> list[str]:
         raise NotADirectoryError(f"data path is not a folder: {root} (expected one sub-folder of images per class)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise ValueError(f"data folder {root} is empty: expected one sub-folder of images per class")
+        raise UserError(f"data folder {root} is empty: expected one sub-folder of images per class")
     for c in classes:
         has_image = False
         for _dirpath, _dirs, files in os.walk(os.path.join(root, c), followlinks=True):
@@ -38,7 +40,7 @@ def scan_image_folder(root: str | os.PathLike) -> list[str]:
                 has_image = True
                 break
         if not has_image:
-            raise ValueError(
+            raise UserError(
                 f"class folder {os.path.join(root, c)} has no images (expected files ending in "
                 f"{', '.join(IMG_EXTENSIONS[:4])}, ...)"
             )

@@ -22,6 +22,8 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
+from ..errors import UserError
+
 __all__ = ["INAT_CATEGORIES", "INatDataset"]
 
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
@@ -34,7 +36,7 @@ def _load_json(path: str) -> Any:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 class INatDataset(Dataset):
@@ -62,7 +64,7 @@ class INatDataset(Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"iNaturalist folder not found: {root} (expected train{year}.json inside)")
         if category not in INAT_CATEGORIES:
-            raise ValueError(f"unknown iNaturalist category {category!r}; expected one of {', '.join(INAT_CATEGORIES)}")
+            raise UserError(f"unknown iNaturalist category {category!r}; expected one of {', '.join(INAT_CATEGORIES)}")
         self.root, self.transform, self.loader = root, transform, loader
         train_data = _load_json(os.path.join(root, f"train{year}.json"))
         split_data = train_data if train else _load_json(os.path.join(root, f"val{year}.json"))
@@ -75,34 +77,34 @@ class INatDataset(Dataset):
         try:
             by_id = {int(c["id"]): c for c in cats}
         except (KeyError, TypeError, ValueError):
-            raise ValueError("iNaturalist categories need an integer 'id' each") from None
+            raise UserError("iNaturalist categories need an integer 'id' each") from None
 
         def label_of(category_id: Any) -> str:
             cat = by_id.get(int(category_id))
             if cat is None:
-                raise ValueError(f"annotation refers to category id {category_id}, which the category list lacks")
+                raise UserError(f"annotation refers to category id {category_id}, which the category list lacks")
             if category not in cat:
-                raise ValueError(f"category {cat['id']} has no '{category}' field (choose another --inat_category)")
+                raise UserError(f"category {cat['id']} has no '{category}' field (choose another --inat_category)")
             return str(cat[category])
 
         index: dict[str, int] = {}
         for ann in train_data.get("annotations", []):
             index.setdefault(label_of(ann["category_id"]), len(index))
         if not index:
-            raise ValueError(f"train{year}.json has no annotations")
+            raise UserError(f"train{year}.json has no annotations")
         self.classes = list(index)
 
         image_label = {ann["image_id"]: ann["category_id"] for ann in split_data.get("annotations", [])}
         self.samples: list[tuple[str, int]] = []
         for img in split_data.get("images", []):
             if img["id"] not in image_label:
-                raise ValueError(f"image {img['id']} ({img.get('file_name')}) has no annotation")
+                raise UserError(f"image {img['id']} ({img.get('file_name')}) has no annotation")
             label = label_of(image_label[img["id"]])
             if label not in index:
-                raise ValueError(f"label {label!r} of image {img['file_name']} never occurs in the training split")
+                raise UserError(f"label {label!r} of image {img['file_name']} never occurs in the training split")
             self.samples.append((os.path.join(root, img["file_name"]), index[label]))
         if not self.samples:
-            raise ValueError(f"{'train' if train else 'val'}{year}.json lists no images")
+            raise UserError(f"{'train' if train else 'val'}{year}.json lists no images")
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:

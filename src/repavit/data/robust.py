@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = ["BadImageError", "GuardedLoader", "RobustDataset", "check_split", "load_rgb", "to_rgb"]
 
 _logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ _WHITE = (255, 255, 255, 255)
 _INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot be opened or decoded (corrupt, truncated, not an image, missing).
 
     The message is one line naming the file. When a DataLoader worker raised it, the main process
@@ -121,7 +123,7 @@ def load_rgb(source: str | os.PathLike | bytes | bytearray | memoryview, name: s
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
-                raise ValueError("empty (0 bytes)")
+                raise UserError("empty (0 bytes)")
             fp: Any = io.BytesIO(source)
         else:
             fp = open(source, "rb")  # closed by the with below
@@ -177,7 +179,7 @@ def check_split(dataset: Dataset, split: str = "training") -> None:
     """
     name = getattr(dataset, "db_path", None) or getattr(dataset, "root", None) or type(dataset).__name__
     if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the {split} split ({name}) has no images")
+        raise UserError(f"the {split} split ({name}) has no images")
     classes: Sequence[str] | None = getattr(dataset, "classes", None)
     targets = getattr(dataset, "targets", None)
     if classes is None or targets is None:
@@ -186,7 +188,7 @@ def check_split(dataset: Dataset, split: str = "training") -> None:
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
         more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
-        raise ValueError(f"class {empty[0]!r}{more} of the {split} split ({name}) has no images")
+        raise UserError(f"class {empty[0]!r}{more} of the {split} split ({name}) has no images")
 
 
 # ---- robust wrapper -----------------------------------------------------------------------------
@@ -218,12 +220,12 @@ class RobustDataset(Dataset):
         self, dataset: Dataset, *, fatal: bool = False, max_tries: int = 32, replace_loader: bool = True
     ) -> None:
         if isinstance(dataset, RobustDataset):
-            raise ValueError("dataset is already a RobustDataset; wrap it once")
+            raise UserError("dataset is already a RobustDataset; wrap it once")
         if max_tries < 1:
-            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+            raise UserError(f"max_tries must be >= 1, got {max_tries}")
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
-            raise ValueError(f"cannot wrap an empty dataset ({type(dataset).__name__} has no samples)")
+            raise UserError(f"cannot wrap an empty dataset ({type(dataset).__name__} has no samples)")
         self.dataset = dataset
         self.fatal = fatal
         self.max_tries = max_tries

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..errors import MissingExtraError, UserError
 from .robust import BadImageError, load_rgb
 
 __all__ = [
@@ -54,11 +55,11 @@ _INHERITED: list[Any] = []
 
 
 def _rocksdict() -> Any:
-    """The rocksdict module, or a one-line ``RuntimeError`` (a user-fixable error for the CLI) if missing."""
+    """The rocksdict module, or a :class:`MissingExtraError` naming the extra to install."""
     try:
         import rocksdict
     except ModuleNotFoundError:
-        raise RuntimeError(
+        raise MissingExtraError(
             "RocksDB datasets need the rocksdict package: pip install 'repavit[rocksdb]' (or pip install rocksdict)"
         ) from None
     return rocksdict
@@ -112,7 +113,7 @@ def open_rocksdb(path: str | os.PathLike, *, read_only: bool = True, create: boo
     except Exception as e:  # rocksdict raises a bare Exception carrying RocksDB's status text
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not (read_only and any(s in msg for s in _UNWRITABLE)):
-            raise RuntimeError(f"cannot open RocksDB database {path}: {msg}") from e
+            raise UserError(f"cannot open RocksDB database {path}: {msg}") from e
     # rocksdict (<= 0.3.29) writes rocksdict-config.json into the folder even to open it read-only, which
     # fails on a read-only file system: open a writable folder of links to the database's files instead.
     shadow = _shadow_dir(path)
@@ -120,7 +121,7 @@ def open_rocksdb(path: str | os.PathLike, *, read_only: bool = True, create: boo
         return rd.Rdict(shadow, **kw)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"cannot open RocksDB database {path} (read-only folder): {msg}") from e
+        raise UserError(f"cannot open RocksDB database {path} (read-only folder): {msg}") from e
 
 
 _UNWRITABLE = ("Read-only file system", "os error 30", "Permission denied", "os error 13")
@@ -173,7 +174,7 @@ def _split_key(key: str, db: str) -> tuple[str, str, str]:
     """``"cls/sub/file"`` -> ``("cls", "sub", "file")``: the sort key that reproduces ImageFolder's order."""
     cls, sep, rest = key.partition("/")
     if not sep or not cls or not rest or rest.endswith("/"):
-        raise ValueError(f"RocksDB key {key!r} in {db} is not '<class_name>/<image_file_name>'")
+        raise UserError(f"RocksDB key {key!r} in {db} is not '<class_name>/<image_file_name>'")
     sub, _, fname = rest.rpartition("/")
     return cls, sub, fname
 
@@ -194,7 +195,7 @@ def sort_keys(keys: Iterable[bytes | str], db: str = "the database") -> tuple[li
             try:
                 s = k.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"RocksDB key {k!r} in {db} is not UTF-8 text") from None
+                raise UserError(f"RocksDB key {k!r} in {db} is not UTF-8 text") from None
         else:
             s = k
         decoded.append((_split_key(s, db), s))
@@ -346,7 +347,7 @@ class RocksDBDataset(Dataset):
             finally:
                 db.close()
             if not keys:
-                raise ValueError(f"RocksDB database {self.db_path} is empty: no images (an empty split)")
+                raise UserError(f"RocksDB database {self.db_path} is empty: no images (an empty split)")
             self._blob, self._offsets = _pack(keys)
             _save_cache(self.db_path, self._blob, self._offsets, classes, targets, key_cache)
             self.classes = classes
@@ -357,7 +358,7 @@ class RocksDBDataset(Dataset):
             self.classes = [str(c) for c in data["classes"]]
             self.targets = data["targets"].astype(np.int32)
         if len(self.targets) == 0:
-            raise ValueError(f"RocksDB database {self.db_path} is empty: no images (an empty split)")
+            raise UserError(f"RocksDB database {self.db_path} is empty: no images (an empty split)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     def __len__(self) -> int:

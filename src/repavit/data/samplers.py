@@ -1,4 +1,5 @@
-"""Samplers for distributed training: repeated augmentation, and exact (unpadded) sharded evaluation."""
+"""Samplers: repeated augmentation and exact (unpadded) sharded evaluation for distributed runs, and
+the rest of an interrupted epoch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["RASampler", "ShardedEvalSampler"]
+from ..errors import UserError
+
+__all__ = ["RASampler", "ShardedEvalSampler", "SkipFirst"]
 
 
 class RASampler(Sampler[int]):
@@ -38,9 +41,9 @@ class RASampler(Sampler[int]):
         seed: int = 0,
     ) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+            raise UserError(f"rank {rank} out of range for {num_replicas} replicas")
         if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
+            raise UserError(f"repeats must be >= 1, got {repeats}")
         self.dataset_len, self.num_replicas, self.rank = dataset_len, num_replicas, rank
         self.shuffle, self.repeats, self.seed = shuffle, repeats, seed
         self.epoch = 0
@@ -74,7 +77,7 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __init__(self, dataset_len: int, num_replicas: int, rank: int) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+            raise UserError(f"rank {rank} out of range for {num_replicas} replicas")
         self.indices = list(range(rank, dataset_len, num_replicas))
 
     def __iter__(self) -> Iterator[int]:
@@ -82,3 +85,23 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class SkipFirst(Sampler[int]):
+    """The indices of ``sampler`` without its first ``skip``: the rest of an epoch that was interrupted.
+
+    The wrapped sampler must produce the same order as in the interrupted run (seeded generator,
+    ``set_epoch`` called), so that the skipped indices are exactly those already trained on.
+    """
+
+    def __init__(self, sampler: Sampler[int], skip: int) -> None:
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)  # type: ignore[arg-type]

@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = ["SyntheticImages"]
 
 
@@ -37,14 +39,14 @@ class SyntheticImages(Dataset):
         transform: Callable | None = None,
     ) -> None:
         if num_samples < 1 or num_classes < 1 or img_size < 1:
-            raise ValueError(
+            raise UserError(
                 f"synthetic dataset needs positive sizes, got num_samples={num_samples}, "
                 f"num_classes={num_classes}, img_size={img_size}"
             )
         self.num_samples, self.num_classes, self.img_size = num_samples, num_classes, img_size
         self.split_id = {"train": 0, "val": 1}.get(split)
         if self.split_id is None:
-            raise ValueError(f"unknown split {split!r}; expected 'train' or 'val'")
+            raise UserError(f"unknown split {split!r}; expected 'train' or 'val'")
         self.seed = seed
         self.transform = transform
         self.classes = [f"class_{i}" for i in range(num_classes)]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..models import ModelRecord
 from ..models._pretrained import ReleasedWeights
 from ..models.checkpoint import HUB_RECORD_KEY, HUB_WEIGHTS, METADATA_KEY, atomic_write, write_json
@@ -229,9 +230,9 @@ def save_hub_folder(
 
     cfg = getattr(model, "pretrained_cfg", None)
     if not cfg:
-        raise ValueError("the model has no pretrained_cfg; build it with timm.create_model / repavit.create_model")
+        raise UserError("the model has no pretrained_cfg; build it with timm.create_model / repavit.create_model")
     if bool(getattr(model, "reparameterized", False)) != record.reparameterized:
-        raise ValueError("the record's form (reparameterized or not) is not the model's")
+        raise UserError("the record's form (reparameterized or not) is not the model's")
     args = {**record.model_args, "reparameterized": record.reparameterized}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import MissingExtraError, UserError, VerificationError
 from .info import input_size_of, preprocessing
 
 _logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _require(module: str, why: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{why} needs the '{module}' package; {_EXTRA_HINT}") from None
+        raise MissingExtraError(f"{why} needs the '{module}' package; {_EXTRA_HINT}") from None
 
 
 def export_onnx(
@@ -82,7 +83,7 @@ def export_onnx(
         The path written.
     """
     if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; expected one of {', '.join(EXPORTERS)}")
+        raise UserError(f"unknown exporter {exporter!r}; expected one of {', '.join(EXPORTERS)}")
     onnx = _require("onnx", "ONNX export")
     if exporter == "dynamo":
         _require("onnxscript", "the dynamo ONNX exporter (use exporter='legacy' / --exporter legacy to avoid it)")
@@ -237,7 +238,7 @@ def verify_onnx(
         ref = model(x.to(device)).float().cpu().numpy()
         out = runner(x)
         if out.shape != ref.shape:
-            raise RuntimeError(
+            raise VerificationError(
                 f"ONNX output shape {out.shape} differs from PyTorch's {ref.shape} for input {tuple(x.shape)}"
             )
         diff = float(np.abs(out - ref).max())
@@ -245,7 +246,7 @@ def verify_onnx(
         max_rel = max(max_rel, diff / max(float(np.abs(ref).max()), 1e-30))
     result = {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batches": [int(x.shape[0]) for x in inputs]}
     if rtol is not None and max_rel > rtol:
-        raise RuntimeError(
+        raise VerificationError(
             f"ONNX Runtime output differs from PyTorch by {max_rel:.3g} relative (max abs {max_abs:.3g}) > {rtol:g}"
         )
     return result

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError, VerificationError
 from .info import input_size_of
 
 _logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def export_torchscript(
         The path written.
     """
     if method not in TORCHSCRIPT_METHODS:
-        raise ValueError(f"unknown TorchScript method {method!r}; expected one of {', '.join(TORCHSCRIPT_METHODS)}")
+        raise UserError(f"unknown TorchScript method {method!r}; expected one of {', '.join(TORCHSCRIPT_METHODS)}")
     model = model.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,5 +92,5 @@ def verify_torchscript(
         max_rel = max(max_rel, diff / max(ref.abs().max().item(), 1e-30))
     result = {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batches": [int(x.shape[0]) for x in inputs]}
     if rtol is not None and max_rel > rtol:
-        raise RuntimeError(f"TorchScript output differs from PyTorch by {max_rel:.3g} relative > {rtol:g}")
+        raise VerificationError(f"TorchScript output differs from PyTorch by {max_rel:.3g} relative > {rtol:g}")
     return result

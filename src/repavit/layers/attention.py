@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 
 class PreNormAttention(nn.Module):
     """``proj(MHSA(LayerNorm(x)))`` for tokens ``(B, N, C)``; the residual add is the caller's.
@@ -24,7 +26,7 @@ class PreNormAttention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5

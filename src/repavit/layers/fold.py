@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 
 @dataclass
 class BNStats:
@@ -47,7 +49,7 @@ class BNStats:
     @classmethod
     def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> BNStats:
         if bn.running_mean is None or bn.running_var is None:
-            raise ValueError(
+            raise UserError(
                 f"cannot fold {type(bn).__name__} without running statistics "
                 "(track_running_stats=False); expected a BatchNorm with running_mean/running_var"
             )
@@ -128,9 +130,9 @@ def fold_idle_ffn(
     """
     h, c = fc1_weight.shape
     if fc2_weight.shape != (c, h):
-        raise ValueError(f"fc2 weight has shape {tuple(fc2_weight.shape)}, expected {(c, h)} to match fc1 {(h, c)}")
+        raise UserError(f"fc2 weight has shape {tuple(fc2_weight.shape)}, expected {(c, h)} to match fc1 {(h, c)}")
     if not 0 <= act_dim <= h:
-        raise ValueError(f"act_dim={act_dim} outside [0, {h}]")
+        raise UserError(f"act_dim={act_dim} outside [0, {h}]")
     w1, b1 = fold_bn_before_linear(fc1_weight, fc1_bias, bn1)
     w2, b2 = fold_bn_before_linear(fc2_weight, fc2_bias, bn2)
     if layer_scale is not None:

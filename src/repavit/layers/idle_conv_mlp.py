@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 from .idle_mlp import (
     active_channels,
@@ -117,7 +118,7 @@ class ChannelIdleConvMlp(nn.Module):
     def fold(self) -> FoldedIdleFFN:
         """Fold BN1, BN2, the idle path, the layer scale and the residual (float64, running statistics)."""
         if self.feature_norm != "BatchNorm":
-            raise ValueError(
+            raise UserError(
                 "cannot reparameterize an FFN with feature_norm='LayerNorm': LayerNorm normalizes each pixel "
                 "by its own statistics, which no fixed matrix can absorb; use feature_norm='BatchNorm'"
             )
@@ -154,7 +155,7 @@ class FusedIdleConvMlp(nn.Module):
     def __init__(self, dim: int, act_dim: int, has_linear: bool = True, hidden_dim: int = 0) -> None:
         super().__init__()
         if act_dim == 0 and not has_linear:
-            raise ValueError("a fused FFN needs a linear branch when no channel is activated")
+            raise UserError("a fused FFN needs a linear branch when no channel is activated")
         self.dim, self.act_dim, self.has_linear = dim, act_dim, has_linear
         # the training form's hidden width h (kept for messages and checkpoint checks; 0: unknown)
         self.hidden_dim = hidden_dim if hidden_dim else (act_dim if not has_linear else 0)
@@ -182,12 +183,12 @@ class FusedIdleConvMlp(nn.Module):
         """Copy folded float64 matrices into this module's 1x1 convolution weights."""
         f = folded.to(dtype or self.in_proj.weight.dtype, device or self.in_proj.weight.device)
         if f.act_dim != self.act_dim or f.w_act.shape[1] != self.dim:
-            raise ValueError(
+            raise UserError(
                 f"folded FFN has act_dim {f.act_dim} and dim {f.w_act.shape[1]}, "
                 f"module expects {self.act_dim}, {self.dim}"
             )
         if (f.w_lin is not None) != self.has_linear:
-            raise ValueError("folded FFN and module disagree on whether a linear (idle) branch exists")
+            raise UserError("folded FFN and module disagree on whether a linear (idle) branch exists")
         self.to(dtype=f.b_lin.dtype, device=f.b_lin.device)
         if self.has_linear:
             w_in, b_in = torch.cat((f.w_lin, f.w_act), 0), torch.cat((f.b_lin, f.b_act), 0)

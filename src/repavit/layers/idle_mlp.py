@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 
 FEATURE_NORMS = ("BatchNorm", "LayerNorm")
@@ -36,13 +37,13 @@ _STATIC_ALIASES = ("none", "")
 
 def check_idle_ratio(idle_ratio: float) -> float:
     if isinstance(idle_ratio, bool) or not isinstance(idle_ratio, (int, float)) or not 0.0 <= idle_ratio <= 1.0:
-        raise ValueError(f"idle_ratio must be a number in [0, 1], got {idle_ratio!r}")
+        raise UserError(f"idle_ratio must be a number in [0, 1], got {idle_ratio!r}")
     return float(idle_ratio)
 
 
 def check_feature_norm(feature_norm: str) -> str:
     if feature_norm not in FEATURE_NORMS:
-        raise ValueError(f"unknown feature_norm {feature_norm!r}; expected one of {', '.join(FEATURE_NORMS)}")
+        raise UserError(f"unknown feature_norm {feature_norm!r}; expected one of {', '.join(FEATURE_NORMS)}")
     return feature_norm
 
 
@@ -58,7 +59,7 @@ def active_channels(hidden_dim: int, idle_ratio: float, rounding: str = "ceil") 
         return int(math.ceil(value))
     if rounding == "floor":
         return int(value)
-    raise ValueError(f"unknown rounding {rounding!r}; expected 'ceil' or 'floor'")
+    raise UserError(f"unknown rounding {rounding!r}; expected 'ceil' or 'floor'")
 
 
 def idle_ratios_for_depth(idle_ratio: float, depth: int, heuristic: str = "static") -> list[float]:
@@ -72,7 +73,7 @@ def idle_ratios_for_depth(idle_ratio: float, depth: int, heuristic: str = "stati
     if heuristic in _STATIC_ALIASES:
         heuristic = "static"
     if heuristic not in HEURISTICS:
-        raise ValueError(f"unknown heuristic {heuristic!r}; expected one of {', '.join(HEURISTICS)}")
+        raise UserError(f"unknown heuristic {heuristic!r}; expected one of {', '.join(HEURISTICS)}")
     if heuristic == "static" or depth == 1:
         return [r] * depth
     ratios = [(2 * r - 1) + (2 - 2 * r) / (depth - 1) * (i + 1) for i in range(depth - 1)] + [0.0]
@@ -160,7 +161,7 @@ class ChannelIdleMlp(nn.Module):
     def fold(self, layer_scale: Tensor | None = None) -> FoldedIdleFFN:
         """Fold BN1, BN2, the idle path and the residual (float64). Uses running statistics."""
         if self.feature_norm != "BatchNorm":
-            raise ValueError(
+            raise UserError(
                 "cannot reparameterize an FFN with feature_norm='LayerNorm': LayerNorm normalizes each token "
                 "by its own statistics, which no fixed matrix can absorb; build and train the model with "
                 "feature_norm='BatchNorm'"
@@ -200,7 +201,7 @@ class FusedIdleMlp(nn.Module):
     def __init__(self, dim: int, act_dim: int, has_linear: bool = True, hidden_dim: int = 0) -> None:
         super().__init__()
         if act_dim == 0 and not has_linear:
-            raise ValueError("a fused FFN needs a linear branch when no channel is activated")
+            raise UserError("a fused FFN needs a linear branch when no channel is activated")
         self.dim, self.act_dim, self.has_linear = dim, act_dim, has_linear
         # the training form's hidden width h (kept for messages and checkpoint checks; 0: unknown)
         self.hidden_dim = hidden_dim if hidden_dim else (act_dim if not has_linear else 0)
@@ -240,11 +241,11 @@ class FusedIdleMlp(nn.Module):
         f = folded.to(dtype or self.in_proj.weight.dtype, device or self.in_proj.weight.device)
         a, c = f.act_dim, self.dim
         if a != self.act_dim or f.w_act.shape[1] != c:
-            raise ValueError(
+            raise UserError(
                 f"folded FFN has act_dim {a} and dim {f.w_act.shape[1]}, module expects {self.act_dim}, {c}"
             )
         if (f.w_lin is not None) != self.has_linear:
-            raise ValueError("folded FFN and module disagree on whether a linear (idle) branch exists")
+            raise UserError("folded FFN and module disagree on whether a linear (idle) branch exists")
         self.to(dtype=f.b_lin.dtype, device=f.b_lin.device)
         if self.has_linear:
             self.in_proj.weight.copy_(torch.cat((f.w_lin, f.w_act), 0))

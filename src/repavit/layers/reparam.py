@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import UserError
 from .idle_conv_mlp import FusedIdleConvMlp
 from .idle_mlp import FusedIdleMlp, reparameterize_module
 
@@ -38,7 +39,7 @@ class ReparamMixin:
     def reparameterize(self):
         """Fold every FFN in place (idempotent) and switch to eval mode. Returns ``self``."""
         if self.feature_norm != "BatchNorm":
-            raise ValueError(
+            raise UserError(
                 "cannot reparameterize a feature_norm='LayerNorm' model: LayerNorm normalizes each token by its "
                 "own statistics, which no fixed matrix can absorb; train with feature_norm='BatchNorm'"
             )
@@ -50,7 +51,7 @@ class ReparamMixin:
 def check_reparameterizable(feature_norm: str, reparameterized: bool) -> None:
     """Refuse ``reparameterized=True`` for a LayerNorm model (it has no fused form)."""
     if reparameterized and feature_norm != "BatchNorm":
-        raise ValueError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
+        raise UserError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
 
 
 def take_indices(num: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
@@ -62,17 +63,17 @@ def take_indices(num: int, indices: int | Sequence[int] | None) -> tuple[list[in
         indices = num
     if isinstance(indices, int):
         if not 0 < indices <= num:
-            raise ValueError(f"cannot take the last {indices} features: expected 1 to {num}")
+            raise UserError(f"cannot take the last {indices} features: expected 1 to {num}")
         taken = list(range(num - indices, num))
     else:
         taken = []
         for i in indices:
             idx = num + i if i < 0 else i
             if not 0 <= idx < num:
-                raise ValueError(f"feature index {i} is out of range: expected -{num} to {num - 1}")
+                raise UserError(f"feature index {i} is out of range: expected -{num} to {num - 1}")
             taken.append(idx)
         if not taken:
-            raise ValueError("no feature indices given: expected at least one")
+            raise UserError("no feature indices given: expected at least one")
     return taken, max(taken)
 
 
@@ -84,4 +85,4 @@ def check_static_heuristic(heuristic: str, family: str) -> str:
     """
     if heuristic in ("static", "none", ""):
         return "static"
-    raise ValueError(f"{family} supports only heuristic='static' (a constant idle ratio), got {heuristic!r}")
+    raise UserError(f"{family} supports only heuristic='static' (a constant idle ratio), got {heuristic!r}")

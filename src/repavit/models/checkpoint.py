@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..layers.ffn_state import FORM_NAMES, ffn_forms
 from .record import CheckpointMismatchError, ModelRecord, jsonable
 
@@ -94,10 +95,11 @@ def _weights_in_folder(folder: Path) -> Path:
     )
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """The raw contents of a ``.pth``/``.pt``/``.bin`` (weights-only unpickling) or ``.safetensors`` file.
 
-    A Hub-layout folder reads as its weight file.
+    A Hub-layout folder reads as its weight file. ``mmap=True`` maps a ``torch.save`` file instead of
+    reading its tensors (for a quick look at a large checkpoint).
     """
     path = Path(path)
     if path.is_dir():
@@ -111,23 +113,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         try:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+            raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     with open(path, "rb") as f:
         head = f.read(2)
     if head[:2] != b"PK" and not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         # neither torch.save's zip archive nor a pickle (legacy torch.save files start with a pickle too)
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint (not a torch.save zip archive or pickle); is it complete?"
-        )
+        raise UserError(f"{path} is not a PyTorch checkpoint (not a torch.save zip archive or pickle); is it complete?")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head[:2] == b"PK")
     except pickle.UnpicklingError as e:
-        raise ValueError(_refusal(str(path), e)) from None
+        raise UserError(_refusal(str(path), e)) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); is it complete?") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); is it complete?") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a checkpoint dictionary")
+        raise UserError(f"{path} holds a {type(raw).__name__}, not a checkpoint dictionary")
     return raw
 
 
@@ -165,7 +165,7 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
             sd = sd[key]
             break
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError("checkpoint holds no state dict of tensors (expected a dict of tensors, or one under 'model')")
+        raise UserError("checkpoint holds no state dict of tensors (expected a dict of tensors, or one under 'model')")
     out = {}
     for k, v in sd.items():
         for p in _PREFIXES:
@@ -279,7 +279,7 @@ class Checkpoint:
                     f"{self.name} has no EMA weights (no 'model_ema' entry); leave out the EMA option"
                 ) from None
             except ValueError as e:
-                raise ValueError(f"{self.name}: {e}") from None
+                raise UserError(f"{self.name}: {e}") from None
         return self._states[use_ema]
 
     @property
@@ -349,7 +349,7 @@ def _safetensors_record(path: Path) -> tuple[ModelRecord | None, dict[str, Any]]
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+        raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     text = meta.get(METADATA_KEY)
     sidecar = path.with_suffix(".json")
     if text is None and sidecar.is_file():
@@ -359,7 +359,7 @@ def _safetensors_record(path: Path) -> tuple[ModelRecord | None, dict[str, Any]]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its model record is not valid JSON ({e})") from None
+        raise UserError(f"{path}: its model record is not valid JSON ({e})") from None
     if not isinstance(data, Mapping) or data.get("format") not in ("repavit", "repavit-model"):
         return None, {}
     return ModelRecord.from_dict(data, path.name), dict(data)
@@ -372,7 +372,7 @@ def _folder_record(folder: Path) -> ModelRecord:
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+        raise UserError(f"{config_file} is not valid JSON ({e})") from None
     if isinstance(config.get(HUB_RECORD_KEY), Mapping):
         return ModelRecord.from_dict(config[HUB_RECORD_KEY], str(config_file))
     # a folder written by timm or by version 1 of this package: timm's layout

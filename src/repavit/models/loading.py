@@ -31,6 +31,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..layers.ffn_state import ffn_modules
 from ..layers.idle_mlp import reparameterize_module
 from ._pretrained import ReleasedWeights, released_weights
@@ -129,7 +130,7 @@ def _from_record(ckpt: Checkpoint, model_name: str | None, given: dict[str, Any]
     assert record is not None
     where = ckpt.name
     if not timm.is_model(record.model_name.split(".")[0]):
-        raise ValueError(
+        raise UserError(
             f"{where} holds a {record.model_name}, which is not a registered model (see `repavit.list_models()`)"
         )
     if model_name and not same_architecture(model_name, record.model_name):
@@ -175,13 +176,13 @@ def _from_shapes(
     if not name:
         name = identify_variant(sd)
         if name is None:
-            raise ValueError(
+            raise UserError(
                 f"cannot tell which model {where} is for: it records none and its tensor shapes match no registered "
                 f"size; pass {spell('model_name', 'NAME')}"
             )
         read.append(name)
     if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"unknown model {name!r}; see `repavit.list_models()` for the registered names")
+        raise UserError(f"unknown model {name!r}; see `repavit.list_models()` for the registered names")
     settings = Settings(name, dict(given))
     args = settings.model_args
     form = state_form(sd)
@@ -371,7 +372,7 @@ def _build(name: str, args: Mapping[str, Any], fused: bool) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:
-        raise ValueError(f"model {name} rejected its arguments: {str(e).splitlines()[0]}") from None
+        raise UserError(f"model {name} rejected its arguments: {str(e).splitlines()[0]}") from None
 
 
 def load_model(
@@ -445,7 +446,7 @@ def _load_without_checkpoint(
     model_name: str | None, pretrained: bool, reparameterized: bool | None, kwargs: dict[str, Any]
 ) -> LoadedModel:
     if model_name is None:
-        raise ValueError("a model name is needed when no checkpoint is given (e.g. --model RePaViT_Base)")
+        raise UserError("a model name is needed when no checkpoint is given (e.g. --model RePaViT_Base)")
     model = create_model(model_name, pretrained=pretrained, reparameterized=bool(reparameterized), **kwargs)
     model.eval()
     name = model_name if ":" not in model_name else (model.pretrained_cfg or {}).get("architecture", model_name)
@@ -482,10 +483,10 @@ def create_model(
         **kwargs: model arguments (``idle_ratio``, ``feature_norm``, ``num_classes``, ...).
     """
     if ":" not in model_name and not timm.is_model(model_name.split(".")[0]):
-        raise ValueError(f"unknown model {model_name!r}; see `repavit.list_models()` for the registered names")
+        raise UserError(f"unknown model {model_name!r}; see `repavit.list_models()` for the registered names")
     if checkpoint_path is not None:
         if pretrained:
-            raise ValueError("pass either pretrained=True or checkpoint_path, not both")
+            raise UserError("pass either pretrained=True or checkpoint_path, not both")
         loaded = load_model(checkpoint_path, model_name, reparameterized=reparameterized, use_ema=use_ema, **kwargs)
         return loaded.model
     if reparameterized and not pretrained:

@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "FFN_ARGS",
     "RECORD_FORMAT",
@@ -72,7 +74,7 @@ _TRAINING_ONLY = ("drop_rate", "drop_path_rate", "attn_drop_rate", "pos_drop_rat
 Spelling = Callable[[str, Any], str]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint does not fit the model or the settings given; the message names what differs."""
 
 
@@ -111,7 +113,7 @@ def jsonable(value: Any, what: str = "model argument") -> Any:
         return {str(k): jsonable(v, what) for k, v in value.items()}
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    raise ValueError(f"{what} {value!r} ({type(value).__name__}) cannot be recorded: only plain values can")
+    raise UserError(f"{what} {value!r} ({type(value).__name__}) cannot be recorded: only plain values can")
 
 
 def _package_version() -> str:
@@ -140,20 +142,20 @@ class ModelRecord:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
-            raise ValueError(f"model record: model_name must be a registered name, got {self.model_name!r}")
+            raise UserError(f"model record: model_name must be a registered name, got {self.model_name!r}")
         if not isinstance(self.model_args, Mapping):
-            raise ValueError(f"model record: model_args must be a mapping, got {type(self.model_args).__name__}")
+            raise UserError(f"model record: model_args must be a mapping, got {type(self.model_args).__name__}")
         self.model_args = {
             k: jsonable(v) for k, v in self.model_args.items() if k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
         }
         self.reparameterized = bool(self.reparameterized)
         if self.class_names is not None:
             if not isinstance(self.class_names, Sequence) or not all(isinstance(c, str) for c in self.class_names):
-                raise ValueError("model record: class_names must be a list of strings")
+                raise UserError("model record: class_names must be a list of strings")
             self.class_names = list(self.class_names)
             n = self.model_args.get("num_classes")
             if isinstance(n, int) and n != len(self.class_names):
-                raise ValueError(f"model record: {len(self.class_names)} class names for a head of {n} classes")
+                raise UserError(f"model record: {len(self.class_names)} class names for a head of {n} classes")
 
     # ---- (de)serialization ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,10 +173,10 @@ class ModelRecord:
     def from_dict(cls, data: Mapping[str, Any], where: str = "checkpoint") -> ModelRecord:
         """Read a record written by :meth:`to_dict` (or by version 1 of this package)."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: the model record is a {type(data).__name__}, not a mapping")
+            raise UserError(f"{where}: the model record is a {type(data).__name__}, not a mapping")
         version = data.get("format_version", 1)
         if isinstance(version, int) and version > RECORD_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"{where} was written by a newer repavit (record version {version}, this one reads up to "
                 f"{RECORD_VERSION}); upgrade repavit"
             )
@@ -187,7 +189,7 @@ class ModelRecord:
                 repavit_version=data.get("repavit_version"),
             )
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
 
     # ---- for people -------------------------------------------------------------------------
     @property
@@ -264,7 +266,7 @@ def record_of(
     """The record of a live model (its form is read off the model)."""
     name = model_name or model_name_of(model)
     if not name:
-        raise ValueError("the model has no pretrained_cfg naming its architecture; pass model_name")
+        raise UserError("the model has no pretrained_cfg naming its architecture; pass model_name")
     args = dict(model_args_of(model))
     args.update(model_args or {})
     return ModelRecord(

@@ -28,6 +28,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
@@ -119,7 +120,7 @@ class RePaMlpMixer(ReparamMixin, nn.Module):
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
-            raise ValueError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
+            raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
         check_feature_norm(feature_norm)
         check_idle_ratio(idle_ratio)
         check_reparameterizable(feature_norm, reparameterized)
@@ -186,7 +187,7 @@ class RePaMlpMixer(ReparamMixin, nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
-                raise ValueError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
+                raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -228,7 +229,7 @@ class RePaMlpMixer(ReparamMixin, nn.Module):
         LayerNorm to every map. Returns the maps, or ``(final normalized tokens, maps)``.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NLC'")
+            raise UserError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NLC'")
         taken, max_index = take_indices(len(self.blocks), indices)
         B = x.shape[0]
         x = self.stem(x)  # (B, N, C)

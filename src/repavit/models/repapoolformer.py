@@ -25,6 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..layers.ffn_state import ffn_forms, prepare_ffns
 from ..layers.idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
 from ..layers.idle_mlp import active_channels, check_feature_norm, check_idle_ratio
@@ -149,11 +150,11 @@ class RePaPoolFormer(ReparamMixin, nn.Module):
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
-            raise ValueError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
+            raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
         if len(layers) != len(embed_dims):
-            raise ValueError(f"layers {tuple(layers)} and embed_dims {tuple(embed_dims)} need one entry per stage")
+            raise UserError(f"layers {tuple(layers)} and embed_dims {tuple(embed_dims)} need one entry per stage")
         if pool_size < 1 or pool_size % 2 == 0:
-            raise ValueError(f"pool_size must be an odd positive integer, got {pool_size}")
+            raise UserError(f"pool_size must be an odd positive integer, got {pool_size}")
         check_feature_norm(feature_norm)
         check_idle_ratio(idle_ratio)
         check_reparameterizable(feature_norm, reparameterized)
@@ -228,7 +229,7 @@ class RePaPoolFormer(ReparamMixin, nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
-                raise ValueError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
+                raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -263,7 +264,7 @@ class RePaPoolFormer(ReparamMixin, nn.Module):
         final GroupNorm to the last stage's map. Returns the maps, or ``(final features, maps)``.
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW'")
+            raise UserError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW'")
         n = len(self.stages)
         taken, max_index = take_indices(n, indices)
         stop = 2 * max_index + 1 if stop_early else len(self.network)

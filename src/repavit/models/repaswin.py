@@ -32,6 +32,7 @@ from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
@@ -112,7 +113,7 @@ class WindowAttention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim, self.window_size = num_heads, dim // num_heads, window_size
         # Registration order follows the authors' state_dict order.
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
@@ -171,7 +172,7 @@ class SwinBlock(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 <= shift_size < window_size:
-            raise ValueError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
+            raise UserError(f"shift_size {shift_size} must be in [0, window_size={window_size})")
         self.dim, self.window_size, self.shift_size = dim, window_size, shift_size
         self.input_resolution = tuple(input_resolution)
         hidden = int(dim * mlp_ratio)
@@ -327,9 +328,9 @@ class RePaSwin(ReparamMixin, nn.Module):
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
-            raise ValueError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
+            raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
         if len(depths) != len(num_heads):
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one entry per stage")
+            raise UserError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one entry per stage")
         check_feature_norm(feature_norm)
         check_idle_ratio(idle_ratio)
         check_reparameterizable(feature_norm, reparameterized)
@@ -419,7 +420,7 @@ class RePaSwin(ReparamMixin, nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
-                raise ValueError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
+                raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -461,7 +462,7 @@ class RePaSwin(ReparamMixin, nn.Module):
             The maps (strides 4, 8, 16, 32 for the four stages), or ``(final features, maps)``.
         """
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NHWC'")
+            raise UserError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NHWC'")
         taken, max_index = take_indices(len(self.layers), indices)
         last = len(self.layers) - 1
         stages = self.layers[: max_index + 1] if stop_early else self.layers

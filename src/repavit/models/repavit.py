@@ -22,6 +22,7 @@ from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_norm
 from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..layers.attention import PreNormAttention
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import (
@@ -147,11 +148,11 @@ class RePaViT(ReparamMixin, nn.Module):
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
+            raise UserError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
         check_feature_norm(feature_norm)
         check_idle_ratio(idle_ratio)
         if reparameterized and feature_norm != "BatchNorm":
-            raise ValueError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
+            raise UserError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -221,7 +222,7 @@ class RePaViT(ReparamMixin, nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
+                raise UserError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -285,7 +286,7 @@ class RePaViT(ReparamMixin, nn.Module):
             The maps, or ``(final normalized tokens, maps)``.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NLC'")
+            raise UserError(f"unknown output_fmt {output_fmt!r}; expected 'NCHW' or 'NLC'")
         taken, max_index = take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
         x = self._embed(x)

@@ -17,19 +17,23 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ..data import (
     RASampler,
+    SeededSamples,
     ShardedEvalSampler,
+    SkipFirst,
     TransformConfig,
     build_dataset,
     build_transform,
     dataset_classes,
 )
 from ..data.robust import RobustDataset, check_split
+from ..errors import UserError
 from ..models import Checkpoint, CheckpointMismatchError, Settings, load_model, resolve_settings
 from ..models import create_model as repa_create_model
 from ..models import is_repa_model as _is_repa_model
 from ..models import list_models as repa_list_models
 from .config import TrainConfig
 from .distributed import DistEnv
+from .stop import ignore_stop_signals
 
 __all__ = [
     "build_criterion",
@@ -43,6 +47,7 @@ __all__ = [
     "check_model_name",
     "is_repa_model",
     "model_kwargs",
+    "rest_of_epoch",
     "settings_from_checkpoint",
     "spell",
 ]
@@ -59,11 +64,11 @@ def check_model_name(cfg: TrainConfig) -> None:
     """Raise a one-line error for an unknown model, or for ``--reparam`` on a model that cannot fold."""
     if not timm.is_model(cfg.model):
         names = ", ".join(n for n in repa_list_models() if n.startswith("RePa"))
-        raise ValueError(f"unknown model {cfg.model!r}; RePa models are: {names}")
+        raise UserError(f"unknown model {cfg.model!r}; RePa models are: {names}")
     if cfg.reparam and not is_repa_model(cfg.model):
-        raise ValueError(f"--reparam applies to RePa models only; {cfg.model} has no reparameterized form")
+        raise UserError(f"--reparam applies to RePa models only; {cfg.model} has no reparameterized form")
     if cfg.reparam and cfg.feature_norm != "BatchNorm":
-        raise ValueError(
+        raise UserError(
             f"--reparam needs --feature_norm=BatchNorm; this model has feature_norm={cfg.feature_norm}, whose "
             "FFN LayerNorm cannot be folded into the linear layers"
         )
@@ -131,7 +136,7 @@ def settings_from_checkpoint(cfg: TrainConfig, ckpt: Checkpoint) -> tuple[TrainC
         size = changes["input_size"]
         if isinstance(size, (list, tuple)):
             if len(size) != 2 or size[0] != size[1]:
-                raise ValueError(f"{ckpt.name} was trained on {size[0]}x{size[1]} images; training runs on square ones")
+                raise UserError(f"{ckpt.name} was trained on {size[0]}x{size[1]} images; training runs on square ones")
             changes["input_size"] = int(size[0])
     changes["model_kwargs"] = {**args, **cfg.model_kwargs}
     return cfg.with_given(given, **changes), settings
@@ -178,7 +183,7 @@ def build_model(
             return repa_create_model(cfg.model, reparameterized=bool(reparameterized), **kw)
         return timm.create_model(cfg.model, **kw)
     except TypeError as e:
-        raise ValueError(f"model {cfg.model} rejected its arguments: {str(e).splitlines()[0]}") from None
+        raise UserError(f"model {cfg.model} rejected its arguments: {str(e).splitlines()[0]}") from None
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -226,10 +231,11 @@ def build_datasets(cfg: TrainConfig, need_train: bool = True) -> tuple[Dataset |
         val = RobustDataset(val, fatal=cfg.fatal_bad_images)
         train = None if train is None else RobustDataset(train, fatal=cfg.fatal_bad_images)
     if train is not None:
+        train = SeededSamples(train, cfg.seed)  # augmentation streams per sample: exact mid-epoch resume
         tc, vc = dataset_classes(train), dataset_classes(val)
         if tc != vc:
             missing = sorted(set(tc) ^ set(vc))[:3]
-            raise ValueError(
+            raise UserError(
                 f"training and validation splits have different classes ({len(tc)} vs {len(vc)}; "
                 f"e.g. {', '.join(map(str, missing)) or 'different order'})"
             )
@@ -258,6 +264,7 @@ def build_loaders(
             pin_memory=pin,
             drop_last=True,
             generator=generator,
+            worker_init_fn=ignore_stop_signals,
             **extra,
         )
     if env.distributed and cfg.dist_eval:
@@ -271,9 +278,29 @@ def build_loaders(
         num_workers=cfg.num_workers,
         pin_memory=pin,
         drop_last=False,
+        worker_init_fn=ignore_stop_signals,
         **extra,
     )
     return train_loader, val_loader
+
+
+def rest_of_epoch(loader: DataLoader, skip_batches: int) -> DataLoader:
+    """``loader`` without its first ``skip_batches`` batches, without loading them: the same sampler order
+    (the caller seeds the generator and calls ``set_epoch`` first) minus the samples already trained on."""
+    if skip_batches == 0:
+        return loader
+    extra: dict[str, Any] = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=SkipFirst(loader.sampler, skip_batches * loader.batch_size),
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        generator=loader.generator,
+        worker_init_fn=loader.worker_init_fn,
+        **extra,
+    )
 
 
 # ---- optimization -----------------------------------------------------------------------------
@@ -287,7 +314,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.opti
     try:
         return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
     except (ValueError, AssertionError, KeyError) as e:
-        raise ValueError(f"--opt {cfg.opt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"--opt {cfg.opt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def build_scheduler(
@@ -295,7 +322,7 @@ def build_scheduler(
 ) -> Scheduler:
     """timm schedule stepped per update (``step_update``), with warmup from ``warmup_lr``."""
     if cfg.sched == "plateau":
-        raise ValueError("--sched plateau is not supported: this trainer steps the schedule per update")
+        raise UserError("--sched plateau is not supported: this trainer steps the schedule per update")
     try:
         scheduler, _ = create_scheduler_v2(
             optimizer,
@@ -316,7 +343,7 @@ def build_scheduler(
             updates_per_epoch=updates_per_epoch,
         )
     except (ValueError, AssertionError) as e:
-        raise ValueError(f"--sched {cfg.sched}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"--sched {cfg.sched}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return scheduler
 
 

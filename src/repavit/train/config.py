@@ -18,6 +18,7 @@ import yaml
 
 from ..data.datasets import DATASETS
 from ..data.inat import INAT_CATEGORIES
+from ..errors import UserError
 
 __all__ = ["GROUPS", "TrainConfig", "config_fields", "load_yaml"]
 
@@ -26,6 +27,15 @@ FEATURE_NORMS = ("BatchNorm", "LayerNorm")
 HEURISTICS = ("static", "linear", "none")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _default_workers() -> int:
+    """Data-loading workers per process: the cores this process may use, at most 10 (the authors' value)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(10, cores))
 
 
 def _f(default: Any, help: str, group: str, **meta: Any) -> Any:
@@ -124,7 +134,11 @@ class TrainConfig:
     fatal_bad_images: bool = _f(
         False, "stop at the first unreadable image (default: skip it with one warning, count it per epoch)", "data"
     )
-    num_workers: int = _f(10, "data-loading processes per training process", "data")
+    num_workers: int = _f(
+        _default_workers(),
+        "data-loading processes per training process (default: this machine's cores, at most 10)",
+        "data",
+    )
     pin_mem: bool = _f(True, "pin host memory of batches (CUDA only)", "data")
     prefetch_factor: int = _f(2, "batches prefetched per worker", "data")
 
@@ -134,7 +148,13 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N", "run")
     amp: str = _f("auto", "mixed precision: auto (fp16 on CUDA, off on CPU), fp16, bf16, off", "run", choices=AMP_MODES)
     seed: int = _f(0, "random seed", "run")
-    resume: str = _f("", "checkpoint to resume from (or to evaluate with --eval)", "run")
+    resume: str = _f(
+        "",
+        "checkpoint to resume from (or to evaluate with --eval); 'auto': the last good checkpoint in --output_dir, "
+        "or a fresh start if there is none (for requeued jobs)",
+        "run",
+    )
+    overwrite: bool = _f(False, "replace the run that --output_dir holds (its checkpoints, log and summary)", "run")
     eval: bool = _f(False, "evaluate only", "run")
     eval_ema: bool = _f(False, "with --eval: evaluate the checkpoint's EMA weights", "run")
     dist_eval: bool = _f(False, "shard evaluation over the processes", "run")
@@ -166,7 +186,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name} {getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+                raise UserError(f"--{f.name} {getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
         checks: list[tuple[bool, str]] = [
             (bool(self.model), "--model must name a model"),
             (self.input_size >= 1, "--input_size must be >= 1"),
@@ -216,9 +236,9 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
         if not all(isinstance(k, str) for k in self.model_kwargs):
-            raise ValueError("--model_kwargs keys must be strings")
+            raise UserError("--model_kwargs keys must be strings")
 
     # ---- derived values ---------------------------------------------------------------------
     @property
@@ -250,7 +270,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
+            raise UserError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
         cfg = cls(**values)
         cfg._given = frozenset(values)
         return cfg
@@ -301,11 +321,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
+        raise UserError(
             f"{path} must hold a mapping of settings (flag names without dashes), not {type(data).__name__}"
         )
     return data
@@ -316,39 +336,39 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
-        raise ValueError(f"--{name} needs a value")
+        raise UserError(f"--{name} needs a value")
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     origin = typing.get_origin(base) or base
     if origin is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"--{name} must be true or false, got {value!r}")
+            raise UserError(f"--{name} must be true or false, got {value!r}")
         return value
     if origin is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"--{name} must be an integer, got {value!r}")
+            raise UserError(f"--{name} must be an integer, got {value!r}")
         return value
     if origin is float:
         if isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"--{name} must be a number, got {value!r}") from None
+                raise UserError(f"--{name} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"--{name} must be a number, got {value!r}")
+            raise UserError(f"--{name} must be a number, got {value!r}")
         return float(value)
     if origin is str:
         if not isinstance(value, str):
-            raise ValueError(f"--{name} must be a string, got {value!r}")
+            raise UserError(f"--{name} must be a string, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
-            raise ValueError(f"--{name} must be a list of numbers, got {value!r}")
+            raise UserError(f"--{name} must be a list of numbers, got {value!r}")
         return [float(v) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"--{name} must be a mapping, got {value!r}")
+            raise UserError(f"--{name} must be a mapping, got {value!r}")
         return dict(value)
     return value

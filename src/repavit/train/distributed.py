@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "DistEnv",
     "all_reduce_sum",
@@ -60,7 +62,7 @@ def _int_env(environ: Mapping[str, str], key: str) -> int:
     try:
         return int(environ[key])
     except ValueError:
-        raise ValueError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+        raise UserError(f"environment variable {key}={environ[key]!r} is not an integer") from None
 
 
 def detect_launcher(environ: Mapping[str, str] | None = None) -> tuple[str, int, int, int]:
@@ -86,7 +88,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
+            raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -97,14 +99,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     """Detect the launcher, pick the device and create the process group when there are several processes."""
     launcher, rank, world, local = detect_launcher()
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside a world of {world} processes")
+        raise UserError(f"rank {rank} is outside a world of {world} processes")
     dev = resolve_device(device, local)
     env = DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher, device=dev)
     if world == 1:
         return env
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
-            raise ValueError(
+            raise UserError(
                 f"{launcher} run with {world} processes but {key} is not set "
                 "(export MASTER_ADDR and MASTER_PORT, see scripts/exec_config.sh)"
             )

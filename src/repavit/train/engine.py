@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from ..errors import UserError
 from .distributed import DistEnv, all_reduce_sum
 from .progress import Progress
 
@@ -33,7 +35,7 @@ class Precision:
         if mode == "auto":
             mode = "fp16" if device.type == "cuda" else "off"
         if mode == "fp16" and device.type != "cuda":
-            raise ValueError(f"--amp fp16 needs a CUDA device, not {device.type}; use --amp bf16 or --amp off")
+            raise UserError(f"--amp fp16 needs a CUDA device, not {device.type}; use --amp bf16 or --amp off")
         self.mode, self.device = mode, device
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
         self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
@@ -62,14 +64,15 @@ class Precision:
             optimizer.step()
 
 
-def _check_finite(value: float, env: DistEnv, epoch: int, step: int) -> None:
+def _check_finite(value: float, env: DistEnv, epoch: int, step: int, steps: int) -> None:
     # Every process must stop together, or the others hang in the next all-reduce.
     bad = not math.isfinite(value)
     if env.distributed:
         bad = all_reduce_sum([float(bad)], env)[0] > 0
     if bad:
-        raise RuntimeError(
-            f"loss is not finite at epoch {epoch} step {step}: training diverged (lower --lr or set --clip_grad)"
+        raise UserError(
+            f"loss is not finite at epoch {epoch + 1}, step {step + 1}/{steps}: training diverged "
+            "(lower --lr or set --clip_grad)"
         )
 
 
@@ -89,24 +92,37 @@ def train_one_epoch(
     mixup_fn: Mixup | None = None,
     desc: str = "",
     log_freq: int = 10,
-) -> dict[str, float]:
+    start_step: int = 0,
+    carry: tuple[float, int] = (0.0, 0),
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
     """Train for ``updates_per_epoch`` optimizer updates of ``accumulation_steps`` micro-batches each.
 
     The schedule is stepped after every update (``step_update(global update count)``), and the EMA is
     updated after every update (the authors update it every micro-batch, which under accumulation
     averages the same weights several times). Micro-batches left over at the end of the loader
-    (fewer than ``accumulation_steps``) are skipped. Returns the mean loss over all processes,
-    the last learning rate, the number of images and images/s.
+    (fewer than ``accumulation_steps``) are skipped.
+
+    A resumed epoch passes ``start_step`` (micro-batches already done; the loader yields the rest)
+    and ``carry`` (this process's loss sum and image count so far). ``should_stop`` is asked after
+    every update; when it says yes the epoch ends there.
+
+    Returns the mean loss over all processes, the last learning rate, the number of images and
+    images/s, and ``stopped_at`` (micro-batches done when stopped early, else None) with this
+    process's ``carry`` at that point.
     """
     model.train()
     unwrapped = model.module if hasattr(model, "no_sync") else model
     params = [p for p in model.parameters() if p.requires_grad]
     k = accumulation_steps
     n_micro = updates_per_epoch * k
-    progress = Progress(n_micro, desc or f"Epoch [{epoch}]", env.is_main, log_freq, env.world_size)
+    progress = Progress(
+        n_micro, desc or f"Epoch [{epoch + 1}]", env.is_main, log_freq, env.world_size, start=start_step
+    )
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, seen = 0.0, 0
-    for i, (images, targets) in enumerate(loader):
+    loss_sum, seen = float(carry[0]), int(carry[1])
+    stopped_at = None
+    for i, (images, targets) in enumerate(loader, start_step):
         if i >= n_micro:
             break
         images = images.to(env.device, non_blocking=True)
@@ -120,7 +136,7 @@ def train_one_epoch(
                 output = model(images)
                 loss = criterion(output, targets)
             loss_value = loss.item()
-            _check_finite(loss_value, env, epoch, i)
+            _check_finite(loss_value, env, epoch, i, n_micro)
             precision.backward(loss / k)
         if last:
             precision.step(optimizer, params, clip_grad)
@@ -131,6 +147,9 @@ def train_one_epoch(
         loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
         progress.update(images.shape[0], loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+        if last and i + 1 < n_micro and should_stop is not None and should_stop():
+            stopped_at = i + 1
+            break
     progress.close()
     total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], env)
     elapsed = progress.elapsed
@@ -138,8 +157,10 @@ def train_one_epoch(
         "loss": total_loss / max(total_seen, 1.0),
         "lr": optimizer.param_groups[0]["lr"],
         "images": int(total_seen),
-        "images_per_s": total_seen / max(elapsed, 1e-9),
+        "images_per_s": (progress.images * env.world_size) / max(elapsed, 1e-9),
         "time_s": elapsed,
+        "stopped_at": stopped_at,
+        "carry": (loss_sum, seen),
     }
 
 
@@ -183,5 +204,5 @@ def evaluate(
     if sharded:
         correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], env)
     if n == 0:
-        raise ValueError("the validation split produced no batches")
+        raise UserError("the validation split produced no batches")
     return {"acc1": 100.0 * correct1 / n, "acc5": 100.0 * correct5 / n, "loss": loss_sum / n, "images": int(n)}

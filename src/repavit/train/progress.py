@@ -27,6 +27,7 @@ class Progress:
         log_freq: steps between plain log lines (when stderr is not a terminal).
         world_size: images/s are per process times this.
         use_bar: force the bar on/off (default: on iff stderr is a terminal).
+        start: steps already done (a loop resumed in the middle); rates and ETA count from here.
     """
 
     def __init__(
@@ -37,17 +38,18 @@ class Progress:
         log_freq: int = 10,
         world_size: int = 1,
         use_bar: bool | None = None,
+        start: int = 0,
     ) -> None:
         self.total, self.desc, self.enabled = total, desc, enabled
         self.log_freq, self.world_size = max(log_freq, 1), world_size
-        self.step = 0
+        self.step = self.start = start
         self.images = 0
         self.t0 = time.perf_counter()
         self.bar = None
         if enabled and (sys.stderr.isatty() if use_bar is None else use_bar):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
 
     def update(self, n_images: int, **metrics: Any) -> None:
         self.step += 1
@@ -60,7 +62,7 @@ class Progress:
             self.bar.set_postfix({**{k: _fmt(v) for k, v in metrics.items()}, "img/s": f"{rate:.0f}"}, refresh=False)
             self.bar.update(1)
         elif self.step % self.log_freq == 0 or self.step == self.total:
-            eta = elapsed / self.step * (self.total - self.step)
+            eta = elapsed / (self.step - self.start) * (self.total - self.step)
             parts = [f"{k} {_fmt(v)}" for k, v in metrics.items()]
             _logger.info(
                 "%s step %d/%d  %s  %.0f img/s  eta %s",
