@@ -214,6 +214,10 @@ class Trainer:
                 )
             self.start_epoch, self.start_step = int(position["epoch"]), int(position["step"])
             self.position = ranks[env.rank]
+        if self.start_epoch >= cfg.epochs:
+            raise UserError(
+                f"nothing to train: {self.resumed_from} is at epoch {self.start_epoch} and --epochs is {cfg.epochs}"
+            )
         where = f"epoch {self.start_epoch + 1}" + (f", step {self.start_step + 1}" if self.start_step else "")
         self.say(f"resumed from {self.resumed_from}: continuing with {where}")
 
