@@ -16,6 +16,13 @@
 #SBATCH --time=1-00:00:00
 #SBATCH -o RePaViT_Large_out.txt
 #SBATCH -e RePaViT_Large_err.txt
+# Preemption and time limits: Slurm sends SIGUSR1 to every task 180 s before the limit (and SIGTERM on
+# preemption); training saves a checkpoint at the next step boundary (its position in the epoch included)
+# and exits with 128 + the signal number. This script then requeues the job, which continues with
+# --resume auto from exactly where it stopped.
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 
 # Load modules / activate the environment here if needed (e.g. `module load miniconda3`,
@@ -44,6 +51,7 @@ export BATCH_SIZE=$(( BATCH_SIZE / WORLD_SIZE ))   # per process
 export WANDB_MODE=${WANDB_MODE:-online}
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+set +e
 srun --export=ALL python "$REPO/main.py" \
     --model="$MODEL" \
     --batch_size="$BATCH_SIZE" \
@@ -64,4 +72,13 @@ srun --export=ALL python "$REPO/main.py" \
     --weight_decay=0.05 \
     --drop_path="$DROP_PATH" \
     --wandb \
+    --resume=auto \
     $EXTRA_ARGS
+rc=$?
+set -e
+if (( rc == 128 + 10 || rc == 128 + 15 )); then   # stopped by SIGUSR1 / SIGTERM after saving its position
+    echo "exec_config.sh: training stopped by a signal and saved; requeueing job ${SLURM_JOB_ID:-?}" >&2
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+fi
+exit "$rc"

@@ -150,3 +150,70 @@ def test_slurm_script_with_srun(tmp_path):
     assert summary["effective"]["global_batch_size"] == 16
     config = (out / "config.yaml").read_text()
     assert "batch_size: 8\n" in config and "opt: lamb\n" in config and "wandb: true\n" in config
+
+
+@pytest.mark.slow  # ~40 s: three 2-process torchrun runs
+def test_torchrun_ranks_stop_at_the_same_step_and_resume_bit_identical(tmp_path):
+    """SIGTERM to both workers (as Slurm signals every task) at different moments: one mid-epoch checkpoint
+    holding both ranks' states, and the resumed run ends with the weights of an uninterrupted one."""
+    import signal
+    import time
+
+    longer = TRAIN.replace("--synthetic_train_size 64", "--synthetic_train_size 480") + " --log_freq 1"
+
+    def torchrun(out: Path, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+        cmd += [f"--master_port={free_port()}", "-m", "repavit", "train", *shlex.split(longer)]
+        cmd += ["--output_dir", str(out), *extra]
+        return subprocess.Popen(
+            cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    full = tmp_path / "full"
+    r = torchrun(full)
+    log = r.communicate(timeout=TIMEOUT)[0]
+    assert r.returncode == 0, log[-4000:]
+
+    out = tmp_path / "stopped"
+    agent = torchrun(out)
+    seen = ""
+    while "Epoch [2/2] step 4/" not in seen:
+        line = agent.stdout.readline()
+        assert line, seen[-4000:]
+        seen += line
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGTERM)
+    time.sleep(0.05)
+    os.kill(int(workers[1]), signal.SIGTERM)
+    seen += agent.communicate(timeout=TIMEOUT)[0]
+    assert "stopped by SIGTERM at epoch 2, step " in seen, seen[-4000:]
+    saved = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert saved["position"]["epoch"] == 1 and len(saved["position"]["ranks"]) == 2
+
+    r = torchrun(out, "--resume", "auto")
+    log = r.communicate(timeout=TIMEOUT)[0]
+    assert r.returncode == 0, log[-4000:]
+    a = torch.load(full / "checkpoint.pth", map_location="cpu", weights_only=True)
+    b = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model_ema"][k], b["model_ema"][k]) for k in a["model_ema"])
+
+
+def test_slurm_script_requeues_a_run_stopped_by_a_signal(tmp_path):
+    """The script resumes with --resume auto and requeues itself when training exits with 128 + SIGUSR1."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho 127.0.0.1\n')
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "srun $*" >> {calls}\nexit 138\n')  # as if SIGUSR1 stopped it
+    for f in ("scontrol", "srun"):
+        (bin_dir / f).chmod((bin_dir / f).stat().st_mode | stat.S_IEXEC)
+    e = env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NTASKS="2", SLURM_JOB_NODELIST="n1", SLURM_JOB_ID="42")
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "exec_config.sh")], cwd=tmp_path, env=e, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    text = calls.read_text()
+    assert "--resume=auto" in text and "requeue 42" in text
+    assert "#SBATCH --signal=USR1@180" in (ROOT / "scripts" / "exec_config.sh").read_text()

@@ -214,6 +214,10 @@ class Trainer:
                 )
             self.start_epoch, self.start_step = int(position["epoch"]), int(position["step"])
             self.position = ranks[env.rank]
+            if self.ema is not None and "ema_buffers" in self.position:
+                with torch.no_grad():
+                    for name, buf in self.ema.module.named_buffers():
+                        buf.copy_(self.position["ema_buffers"][name])
         if self.start_epoch >= cfg.epochs:
             raise UserError(
                 f"nothing to train: {self.resumed_from} is at epoch {self.start_epoch} and --epochs is {cfg.epochs}"
@@ -430,7 +434,10 @@ class Trainer:
 
     def _stop_mid_epoch(self, stop: StopRequest, epoch: int, train_stats: dict[str, Any]) -> dict[str, Any]:
         step = int(train_stats["stopped_at"])
-        mine = {"rng": _rng_state(self.env.device), "carry": list(train_stats["carry"])}
+        mine: dict[str, Any] = {"rng": _rng_state(self.env.device), "carry": list(train_stats["carry"])}
+        if self.ema is not None and self.env.distributed:
+            # each process's EMA averages its own BatchNorm statistics until the epoch's distribute_bn
+            mine["ema_buffers"] = {k: v.detach().cpu().clone() for k, v in self.ema.module.named_buffers()}
         ranks = gather_objects(mine, self.env)
         if self.run_dir is not None and self.env.is_main:
             position = {"epoch": epoch, "step": step, "ranks": ranks}
