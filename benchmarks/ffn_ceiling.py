@@ -33,9 +33,10 @@ import torch
 
 import repavit
 from repavit.bench.reference import with_three_linear_ffn
-from repavit.bench.suite import atomic_write_json, latency_breakdown
+from repavit.bench.suite import latency_breakdown
 from repavit.bench.throughput import interleaved_throughput, machine_info, summarize
 from repavit.layers.idle_mlp import FusedIdleMlp
+from repavit.models.checkpoint import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -144,7 +145,7 @@ def main() -> None:
         },
     }
     out_path = Path(args.output)
-    atomic_write_json(out_path, result)
+    write_json(out_path, result)
     print(f"{args.model} batch {B}: reparam/reference measured {result['measured_reparam_over_reference']:.3f}x")
     print(f"  FFN share of the reference model's time: {100 * shares['ffn']:.1f}%")
     print("  FFN one block (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ffn_module_ms"].items()))

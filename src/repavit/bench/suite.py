@@ -25,13 +25,13 @@ Every timing is interleaved across forms round by round (see :func:`interleaved_
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -43,6 +43,7 @@ from ..errors import MissingExtraError, UserError
 from ..layers.attention import PreNormAttention
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
 from ..models import reparameterize_model
+from ..models.checkpoint import write_json
 from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
 from .throughput import (
     count_gmacs,
@@ -74,12 +75,12 @@ TRAIN_FORMS = ("vanilla", "train", "masked")
 
 
 # ---- building the forms ----------------------------------------------------------------------
-def _onnxruntime_runner(model: nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
+def _onnxruntime_runner(model: nn.Module, example: Tensor, tmpdir: str) -> Callable[[Tensor], Tensor]:
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise MissingExtraError("the onnxruntime form needs the ONNX extra: pip install 'repavit[onnx]'") from e
-    path = os.path.join(tempfile.mkdtemp(prefix="repavit-bench-"), "model.onnx")
+    path = os.path.join(tmpdir, f"model-{id(model)}.onnx")
     torch.onnx.export(
         model,
         (example,),
@@ -107,8 +108,13 @@ def _all_tokens(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_inference_forms(model: nn.Module, forms: Sequence[str], example: Tensor) -> dict[str, Callable]:
-    """Callables ``f(x) -> logits`` for each requested form of a training-form ``model``."""
+def build_inference_forms(
+    model: nn.Module, forms: Sequence[str], example: Tensor, tmpdir: str | None = None
+) -> dict[str, Callable]:
+    """Callables ``f(x) -> logits`` for each requested form of a training-form ``model``.
+
+    ``tmpdir`` holds files a form needs (the ``onnxruntime`` model); the caller removes it.
+    """
     model = model.eval()
     fused = reparameterize_model(model)
     out: dict[str, Callable] = {}
@@ -139,7 +145,9 @@ def build_inference_forms(model: nn.Module, forms: Sequence[str], example: Tenso
             out[form] = quantize_int8(fused)
             out["int8_identity_folded"] = quantize_int8(fused, keep_identity_separate=False)
         elif form == "onnxruntime":
-            out[form] = _onnxruntime_runner(fused, example)
+            if tmpdir is None:
+                raise UserError("the onnxruntime form needs a folder for its model file (tmpdir)")
+            out[form] = _onnxruntime_runner(fused, example, tmpdir)
         else:
             raise UserError(f"unknown form {form!r}; expected one of {', '.join(INFERENCE_FORMS)}")
     return out
@@ -180,11 +188,17 @@ def _train_steps(
 
 
 def train_step_times(
-    models: dict[str, nn.Module], batch_size: int, img_size: int, rounds: int, warmup: int, device: torch.device
+    models: dict[str, nn.Module],
+    batch_size: int,
+    img_size: int,
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    desc: str | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per training step (forward + backward + SGD step), interleaved across models."""
     steps = _train_steps(models, batch_size, img_size, device)
-    ips = interleaved_throughput(steps, batch_size, rounds, 1, warmup, device)
+    ips = interleaved_throughput(steps, batch_size, rounds, 1, warmup, device, desc=desc)
     return {k: [batch_size / v for v in vals] for k, vals in ips.items()}
 
 
@@ -277,7 +291,7 @@ def run_suite(
     **model_kwargs,
 ) -> dict:
     dev = torch.device(device)
-    results = {
+    results: dict = {
         "machine": machine_info(),
         "settings": dict(
             forms=list(forms),
@@ -290,81 +304,137 @@ def run_suite(
             model_kwargs=model_kwargs,
         ),
         "models": {},
+        "complete": False,
     }
-    for name in model_names:
-        torch.manual_seed(0)
-        model = timm.create_model(name, img_size=img_size, **model_kwargs).to(dev).eval()
-        x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
-        fns = build_inference_forms(model, forms, x)
-        entry: dict = {"forms": {}}
-        with torch.no_grad():
-            ref = fns["reparam"](x) if "reparam" in fns else model(x)
-            train_out = model(x)
-        entry["reparam_vs_train"] = agreement(ref, train_out)
-        for k, f in fns.items():
-            info: dict = {}
-            if k in FLOAT_FORMS:  # float modules: counts are meaningful
-                info["params_m"] = count_params(f) / 1e6
-                info["gmacs"] = count_gmacs(f, img_size)
-            with torch.no_grad():
-                y = f(x)  # also warms up (first-call workspaces, compilation) before the memory measurement
-                if k not in ("vanilla", "train"):
-                    info["agreement_with_reparam"] = agreement(y, ref)
-                if k != "onnxruntime":  # ONNX Runtime allocates outside PyTorch
-                    info["peak_memory_mb"] = peak_memory_mb(lambda f=f, x=x: f(x), dev)
-            entry["forms"][k] = info
-        with torch.no_grad():
-            t = interleaved_throughput(
-                {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, batch_size, rounds, iters, warmup, dev
-            )
-        for k, v in t.items():
-            entry["forms"][k]["throughput"] = summarize(v)
-        if latency:
-            x1 = x[:1]
-            with torch.no_grad():
-                lat = interleaved_throughput(
-                    {k: (lambda f=f, x1=x1: f(x1)) for k, f in fns.items()}, 1, rounds, iters, warmup, dev
-                )
-            for k, v in lat.items():
-                entry["forms"][k]["latency_ms"] = summarize([1000.0 / s for s in v])
-        if train_step:
-            tmodels = {"train": copy.deepcopy(model), "masked": with_masked_ffn(model)}
-            v = vanilla_counterpart(model)
-            if v is not None:
-                tmodels = {"vanilla": v.to(dev), **tmodels}
-            st = train_step_times(tmodels, train_batch_size, img_size, max(3, rounds // 2), 1, dev)
-            entry["train_step_peak_memory_mb"] = train_step_peak_memory(tmodels, train_batch_size, img_size, dev)
-            entry["train_step_s"] = {k: summarize(v) for k, v in st.items()}
-            med = {k: v["median"] for k, v in entry["train_step_s"].items()}
-            entry["train_step_ratios"] = {f"{k}/train": med[k] / med["train"] for k in med if k != "train"}
-        if breakdown:
-            entry["breakdown"] = {k: latency_breakdown(fns[k], x) for k in ("vanilla", "reparam", "train") if k in fns}
-        if sweep_sizes or sweep_batches:
-            entry["sweep"] = sweep(
-                name,
-                sweep_sizes or (img_size,),
-                sweep_batches or (batch_size,),
-                rounds,
-                iters,
-                warmup,
-                dev,
-                **model_kwargs,
-            )
-        med = {k: v["throughput"]["median"] for k, v in entry["forms"].items()}
-        base = "vanilla" if "vanilla" in med else "train"
-        entry["ratios"] = {f"{k}/{base}": med[k] / med[base] for k in med if k != base}
-        for other in ("reparam_all_tokens", "reference", "authors_design"):
-            if other in med and "reparam" in med:
-                entry["ratios"][f"reparam/{other}"] = med["reparam"] / med[other]
-        results["models"][name] = entry
-        print(format_entry(name, entry), flush=True)
+
+    plan = _Plan(forms, batch_size, img_size, rounds, iters, warmup, latency, train_step, train_batch_size,
+                 breakdown, sweep_sizes, sweep_batches, model_kwargs)  # fmt: skip
+
+    def save() -> None:  # after every measurement: an interrupted run keeps what it measured
+        if output:
+            write_json(Path(output), results)
+
+    with tempfile.TemporaryDirectory(prefix="repavit-bench-") as tmpdir:
+        for name in model_names:
+            entry: dict = {"forms": {}}
+            results["models"][name] = entry
+            _bench_model(name, entry, plan, dev, tmpdir, save)
+            print(format_entry(name, entry), flush=True)
+    results["complete"] = True
+    save()
     if output:
-        atomic_write_json(Path(output), results)
         print(f"wrote {output}")
     if plot:
         plot_results(results, Path(plot))
         print(f"wrote {plot}")
     return results
+
+
+def _ratios(med: dict[str, float]) -> dict[str, float]:
+    """Throughput ratios among the forms measured: each over the first present of vanilla / train / reparam."""
+    base = next((b for b in ("vanilla", "train", "reparam") if b in med), None)
+    if base is None:
+        return {}
+    out = {f"{k}/{base}": med[k] / med[base] for k in med if k != base}
+    for other in ("reparam_all_tokens", "reference", "authors_design"):
+        if other in med and "reparam" in med:
+            out[f"reparam/{other}"] = med["reparam"] / med[other]
+    return out
+
+
+@dataclass
+class _Plan:
+    """What to measure for every model (the arguments of :func:`run_suite`)."""
+
+    forms: Sequence[str]
+    batch_size: int
+    img_size: int
+    rounds: int
+    iters: int
+    warmup: int
+    latency: bool
+    train_step: bool
+    train_batch_size: int
+    breakdown: bool
+    sweep_sizes: Sequence[int]
+    sweep_batches: Sequence[int]
+    model_kwargs: dict
+
+
+def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir: str, save: Callable) -> None:
+    """Every measurement of one model, written into ``entry`` (and saved) as each one finishes."""
+    forms, batch_size, img_size, rounds, iters, warmup = (
+        plan.forms, plan.batch_size, plan.img_size, plan.rounds, plan.iters, plan.warmup
+    )  # fmt: skip
+    model_kwargs = plan.model_kwargs
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=img_size, **model_kwargs).to(dev).eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    fns = build_inference_forms(model, forms, x, tmpdir)
+    with torch.no_grad():
+        ref = fns["reparam"](x) if "reparam" in fns else model(x)
+        train_out = model(x)
+    entry["reparam_vs_train"] = agreement(ref, train_out)
+    for k, f in fns.items():
+        info: dict = {}
+        if k in FLOAT_FORMS:  # float modules: counts are meaningful
+            info["params_m"] = count_params(f) / 1e6
+            info["gmacs"] = count_gmacs(f, img_size)
+        with torch.no_grad():
+            y = f(x)  # also warms up (first-call workspaces, compilation) before the memory measurement
+            if k not in ("vanilla", "train"):
+                info["agreement_with_reparam"] = agreement(y, ref)
+            if k != "onnxruntime":  # ONNX Runtime allocates outside PyTorch
+                info["peak_memory_mb"] = peak_memory_mb(lambda f=f, x=x: f(x), dev)
+        entry["forms"][k] = info
+    save()
+    with torch.no_grad():
+        t = interleaved_throughput(
+            {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, batch_size, rounds, iters, warmup, dev,
+            desc=f"{name} throughput (batch {batch_size})",
+        )  # fmt: skip
+    for k, v in t.items():
+        entry["forms"][k]["throughput"] = summarize(v)
+    entry["ratios"] = _ratios({k: v["throughput"]["median"] for k, v in entry["forms"].items()})
+    save()
+    if plan.latency:
+        x1 = x[:1]
+        with torch.no_grad():
+            lat = interleaved_throughput(
+                {k: (lambda f=f, x1=x1: f(x1)) for k, f in fns.items()}, 1, rounds, iters, warmup, dev,
+                desc=f"{name} latency (batch 1)",
+            )  # fmt: skip
+        for k, v in lat.items():
+            entry["forms"][k]["latency_ms"] = summarize([1000.0 / s for s in v])
+        save()
+    if plan.train_step:
+        tmodels = {"train": copy.deepcopy(model), "masked": with_masked_ffn(model)}
+        v = vanilla_counterpart(model)
+        if v is not None:
+            tmodels = {"vanilla": v.to(dev), **tmodels}
+        st = train_step_times(
+            tmodels, plan.train_batch_size, img_size, max(3, rounds // 2), 1, dev, desc=f"{name} train step"
+        )
+        entry["train_step_peak_memory_mb"] = train_step_peak_memory(tmodels, plan.train_batch_size, img_size, dev)
+        entry["train_step_s"] = {k: summarize(v) for k, v in st.items()}
+        med = {k: v["median"] for k, v in entry["train_step_s"].items()}
+        entry["train_step_ratios"] = {f"{k}/train": med[k] / med["train"] for k in med if k != "train"}
+        save()
+    if plan.breakdown:
+        entry["breakdown"] = {k: latency_breakdown(fns[k], x) for k in ("vanilla", "reparam", "train") if k in fns}
+        save()
+    if plan.sweep_sizes or plan.sweep_batches:
+        entry["sweep"] = sweep(
+            name,
+            plan.sweep_sizes or (img_size,),
+            plan.sweep_batches or (batch_size,),
+            rounds,
+            iters,
+            warmup,
+            dev,
+            **model_kwargs,
+        )
+        save()
 
 
 def sweep(name, sizes, batches, rounds, iters, warmup, dev, **model_kwargs) -> list[dict]:
@@ -378,22 +448,15 @@ def sweep(name, sizes, batches, rounds, iters, warmup, dev, **model_kwargs) -> l
             x = torch.randn(b, 3, size, size, device=dev)
             with torch.no_grad():
                 t = interleaved_throughput(
-                    {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, b, rounds, iters, warmup, dev
-                )
+                    {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, b, rounds, iters, warmup, dev,
+                    desc=f"{name} sweep (img {size}, batch {b})",
+                )  # fmt: skip
             med = {k: summarize(v)["median"] for k, v in t.items()}
             base = "vanilla" if "vanilla" in med else "reparam"
             rows.append(
                 {"img_size": size, "batch_size": b, "images_per_s": med, "reparam/vanilla": med["reparam"] / med[base]}
             )
     return rows
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def format_entry(name: str, entry: dict) -> str:

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ..utils import format_eta
+
 _logger = logging.getLogger(__name__)
 
 
@@ -150,18 +152,22 @@ def interleaved_throughput(
     iters: int = 5,
     warmup: int = 2,
     device: torch.device | str = "cpu",
+    desc: str | None = None,
 ) -> dict[str, list[float]]:
     """Images/s per round for each callable, timed interleaved with a rotating order.
 
-    Gradient mode is the caller's: wrap inference callables in ``torch.no_grad()``.
+    Gradient mode is the caller's: wrap inference callables in ``torch.no_grad()``. With ``desc``, one
+    line per round is logged (``desc round 2/7: a 123.4 img/s, b 234.5 img/s; eta 0:00:40``).
     """
     device = torch.device(device)
     names = list(fns)
+    t_start = time.perf_counter()
     for name in names:
         for _ in range(warmup):
             fns[name]()
     _sync(device)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    t_rounds = time.perf_counter()
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
@@ -171,6 +177,13 @@ def interleaved_throughput(
                 fns[name]()
             _sync(device)
             samples[name].append(batch_size * iters / (time.perf_counter() - t0))
+        if desc:
+            spent = time.perf_counter() - t_rounds
+            eta = spent / (r + 1) * (rounds - r - 1)
+            rates = ", ".join(f"{n} {samples[n][-1]:.1f} img/s" for n in names)
+            _logger.info("%s round %d/%d: %s; eta %s", desc, r + 1, rounds, rates, format_eta(eta))
+    if desc:
+        _logger.debug("%s took %.1f s", desc, time.perf_counter() - t_start)
     return samples
 
 

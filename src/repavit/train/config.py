@@ -165,8 +165,12 @@ class TrainConfig:
     test_speed: bool = _f(
         False, "measure inference throughput (no dataset needed)", "run", aliases=("--only_test_speed",)
     )
-    speed_batch_size: int = _f(128, "batch of the speed test", "run")
-    speed_iters: int = _f(100, "forward passes per speed measurement", "run")
+    speed_batch_size: int | None = _f(
+        None, "batch of the speed test (default: 128 on a GPU, the authors' setting; on a CPU sized to ~1 min)", "run"
+    )
+    speed_iters: int | None = _f(
+        None, "forward passes per speed measurement (default: 100 on a GPU; on a CPU sized to ~1 min)", "run"
+    )
     log_freq: int = _f(10, "log a progress line every N steps when not on a terminal", "run")
 
     # ---- tracking ---------------------------------------------------------------------------
@@ -226,7 +230,10 @@ class TrainConfig:
             (self.save_freq >= 1, "--save_freq must be >= 1"),
             (bool(_DEVICE.match(self.device)), f"--device {self.device!r} is not auto, cpu, cuda or cuda:N"),
             (self.dist_backend in ("auto", "gloo", "nccl"), "--dist_backend must be auto, gloo or nccl"),
-            (self.speed_batch_size >= 1 and self.speed_iters >= 1, "--speed_batch_size and --speed_iters must be >= 1"),
+            (
+                all(v is None or v >= 1 for v in (self.speed_batch_size, self.speed_iters)),
+                "--speed_batch_size and --speed_iters must be >= 1",
+            ),
             (self.log_freq >= 1, "--log_freq must be >= 1"),
             (not (self.eval and self.test_speed), "--eval and --test_speed cannot be combined; run them separately"),
             (

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,38 @@ def speed_test(cfg: TrainConfig) -> dict[str, Any]:
         cleanup()
 
 
+SPEED_BUDGET_S = 60.0  # what the speed test aims to take on a CPU when --speed_batch_size/--speed_iters are not given
+
+
+def _speed_size(cfg: TrainConfig, env: DistEnv, forms: dict[str, nn.Module]) -> tuple[int, int]:
+    """``(batch, passes per measurement)``: the flags; else the authors' 128 x 100 on a GPU; else, on a CPU,
+    sized from one timed pass so that 3 rounds of every form take about :data:`SPEED_BUDGET_S`."""
+    if env.device.type == "cuda" or (cfg.speed_batch_size and cfg.speed_iters):
+        return cfg.speed_batch_size or 128, cfg.speed_iters or 100
+    probe_batch = cfg.speed_batch_size or 8
+    x = torch.rand(probe_batch, 3, cfg.input_size, cfg.input_size, device=env.device)
+    with torch.inference_mode():
+        per_image = 0.0
+        for m in forms.values():
+            m(x)  # warm-up
+            t0 = time.perf_counter()
+            m(x)
+            per_image += (time.perf_counter() - t0) / probe_batch
+    per_pass_budget = SPEED_BUDGET_S / 4  # 3 rounds and the warm-up; per_image already sums the forms
+    batch = cfg.speed_batch_size or int(min(64, max(1, per_pass_budget / 5 / max(per_image, 1e-9))))
+    iters = cfg.speed_iters or int(
+        min(100, max(1, (per_pass_budget - batch * per_image) / (batch * max(per_image, 1e-9))))
+    )
+    _logger.info(
+        "CPU speed test sized to about %.0f s: batch %d, %d passes per measurement (the authors' GPU setting is "
+        "--speed_batch_size 128 --speed_iters 100)",
+        (3 * iters + 1) * batch * per_image,
+        batch,
+        iters,
+    )
+    return batch, iters
+
+
 def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer, ckpt: Checkpoint | None) -> dict[str, Any]:
     training_form = ckpt is None or ckpt.form != "fused"
     if not training_form and not cfg.reparam:
@@ -289,23 +322,25 @@ def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer, ckpt: Checkpoint | Non
     names = {"train": "training form", "reparam": "reparameterized"}
     info = {k: {"params_m": count_params(m) / 1e6, "gmacs": count_gmacs(m, cfg.input_size)} for k, m in forms.items()}
     _print_complexity(say, {("before" if k == "train" else "after"): v for k, v in info.items()})
-    x = torch.rand(cfg.speed_batch_size, 3, cfg.input_size, cfg.input_size, device=env.device)
+    batch, iters = _speed_size(cfg, env, forms)
+    x = torch.rand(batch, 3, cfg.input_size, cfg.input_size, device=env.device)
     say(
-        f"Start inference speed testing ({names[chosen]}, batch {cfg.speed_batch_size}, {cfg.speed_iters} passes "
-        f"per measurement, fp32, {env.device})..."
+        f"Start inference speed testing ({names[chosen]}, batch {batch}, {iters} passes per measurement, fp32, "
+        f"{env.device})..."
     )
     fns = {k: (lambda m=m: m(x)) for k, m in forms.items()}
-    samples = interleaved_throughput(
-        fns, cfg.speed_batch_size, rounds=3, iters=cfg.speed_iters, warmup=1, device=env.device
-    )
+    with torch.inference_mode():
+        samples = interleaved_throughput(
+            fns, batch, rounds=3, iters=iters, warmup=1, device=env.device, desc="speed test"
+        )
     for v in samples[chosen]:
         say(f"inference_speed: {v:.1f} images/s")
     med = {k: float(np.median(v)) for k, v in samples.items()}
     result: dict[str, Any] = {
         "model": cfg.model,
         "device": str(env.device),
-        "batch_size": cfg.speed_batch_size,
-        "iters": cfg.speed_iters,
+        "batch_size": batch,
+        "iters": iters,
         "form": chosen,
         "images_per_s": samples,
         "median_images_per_s": med,

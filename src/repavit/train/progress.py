@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import sys
 import time
 from typing import Any
 
+from ..utils import format_eta
+
 __all__ = ["Progress", "format_eta"]
 
 _logger = logging.getLogger(__name__)
-
-
-def format_eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=max(int(seconds), 0)))
 
 
 class Progress:
