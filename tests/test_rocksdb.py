@@ -346,6 +346,8 @@ def test_interrupted_build_resumes_and_finished_build_is_not_overwritten(tmp_pat
     assert json.loads((tmp_path / "out" / "train.db.build.json").read_text())["status"] == "in-progress"
     present = len(_db_items(db))
     assert 0 < present <= _Interrupted.stop
+    assert main(["rocksdb", "info", str(db)]) == 1  # an interrupted build says it is not complete
+    assert "UNFINISHED" in capsys.readouterr().out
     cmd = ["rocksdb", "build", "--source", "folder", "--train", str(src), "--output", str(tmp_path / "out")]
     assert main(cmd) == 0  # the same command again: resumes, rewrites nothing
     out = capsys.readouterr().out
@@ -383,6 +385,18 @@ def test_info_reports_counts(data, capsys):
     assert "10 images, 3 classes" in out and "0 unreadable images" in out
     info = json.loads(report.read_text())
     assert info["per_class"] == {"a": 4, "a-b": 3, "b": 3} and info["unreadable"] == []
+    assert info["status"] == "unknown"  # written raw, as the authors' tools do: no build record
+
+
+def test_info_check_fails_on_unreadable_images(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    items = {f"k/{i}.png": _image_bytes(rng, "PNG") for i in range(3)}
+    items["k/1.png"] = items["k/1.png"][:40]  # truncated
+    _write_raw_db(tmp_path / "x.db", items)
+    assert main(["rocksdb", "info", str(tmp_path / "x.db")]) == 0  # without --check nothing is decoded
+    assert main(["rocksdb", "info", str(tmp_path / "x.db"), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "1 unreadable images" in out and "k/1.png" in out and "no build record" in out
 
 
 # ---- repavit bench-data ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..models.checkpoint import write_json
 
 __all__ = ["FolderSource", "ImageNetTrainTar", "ImageNetValTar", "build_db", "register", "run_build", "run_info"]
 
@@ -233,12 +234,7 @@ def _read_state(db_path: str) -> dict[str, Any] | None:
 
 
 def _write_state(db_path: str, state: dict[str, Any]) -> None:
-    path = _state_path(db_path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(_state_path(db_path), state)
 
 
 def _has_keys(db_path: str) -> bool:
@@ -462,7 +458,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
-    i = actions.add_parser("info", help="images and classes of a database", description="Images per class.")
+    i = actions.add_parser(
+        "info",
+        help="images and classes of a database",
+        description="Images per class, and whether the build finished. Exit code 1 for an unfinished build or "
+        "(with --check) unreadable images.",
+    )
     i.add_argument("db", metavar="DB", help="a database folder, e.g. OUT/train.db")
     i.add_argument("--per-class", action="store_true", help="print the count of every class")
     i.add_argument("--check", action="store_true", help="decode every image and list the unreadable ones")
@@ -548,6 +549,17 @@ def run_info(args: argparse.Namespace) -> int:
         report["per_class"] = {c: int(n) for c, n in zip(ds.classes, counts)}
         for c, n in zip(ds.classes, counts):
             print(f"  {c}\t{n}")
+    rc = 0
+    state = _read_state(ds.db_path)
+    report["status"] = state.get("status", "unknown") if state else "unknown"
+    if report["status"] == "in-progress":
+        rc = 1
+        print(
+            f"{ds.db_path}: UNFINISHED: the build was interrupted and some images are missing; finish it with "
+            "`repavit rocksdb build ... --resume` (same source and output)"
+        )
+    elif report["status"] == "unknown":
+        print(f"{ds.db_path}: no build record (not written by repavit): whether it is complete cannot be told")
     if args.check:
         bad = []
         for i in range(len(ds)):
@@ -558,8 +570,8 @@ def run_info(args: argparse.Namespace) -> int:
                 print(f"  unreadable: {e}")
         report["unreadable"] = bad
         print(f"{len(bad)} unreadable images")
+        if bad:
+            rc = 1
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return 0
+        write_json(args.json, report)
+    return rc
