@@ -344,7 +344,8 @@ def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``out + a @ b``: in place (no new buffer), except under autocast, which only casts out-of-place ops."""
     if torch.jit.is_scripting():
         return torch.addmm(out, a, b)
-    if torch.is_autocast_enabled(out.device.type):
+    kind = out.device.type
+    if kind == "meta" or torch.is_autocast_enabled(kind):  # autocast has no "meta" device type
         return torch.addmm(out, a, b)
     return out.addmm_(a, b)
 

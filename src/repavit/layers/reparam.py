@@ -27,6 +27,18 @@ class ReparamMixin:
         """True once any FFN is in its fused inference form."""
         return any(isinstance(m, FUSED_TYPES) for m in self.modules())
 
+    def _reset_head(self, num_classes: int, global_pool: str | None, pools: Sequence[str], in_features: int) -> None:
+        """timm's ``reset_classifier``: a new ``head`` with the model's device, dtype and train/eval mode."""
+        if global_pool is not None:
+            if global_pool not in pools:
+                raise UserError(f"unknown global_pool {global_pool!r}; expected one of {', '.join(map(repr, pools))}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = next(self.parameters(), None)
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        head = torch.nn.Linear(in_features, num_classes, **factory) if num_classes > 0 else torch.nn.Identity()
+        self.head = head.train(self.training)
+
     def train(self, mode: bool = True):
         if mode and self.reparameterized:
             raise RuntimeError(

@@ -22,6 +22,7 @@ and, if it has released weights, an entry in :data:`RELEASED` (or :func:`registe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -281,8 +282,30 @@ def build_model_with_cfg(
     :func:`repavit.models.read_checkpoint` (the authors' files hold ``{"model": ...}`` and may
     pickle ``args``), unwrapped, and passed through ``pretrained_filter_fn``; a missing file
     raises a ``FileNotFoundError`` that says how to provide it. The rest is timm's own loading
-    (classifier and input-channel adaptation, ``features_only`` wrapping after the load).
+    (classifier and input-channel adaptation, ``features_only`` wrapping after the load). timm's
+    ``device`` and ``dtype`` factory arguments build the model on that device (``"meta"``: no memory)
+    and in that dtype.
     """
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(
+            model_cls, variant, pretrained, pretrained_cfg, pretrained_cfg_overlay, pretrained_filter_fn,
+            pretrained_strict, cache_dir, kwargs,
+        )  # fmt: skip
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _build(
+    model_cls: Callable[..., nn.Module],
+    variant: str,
+    pretrained: bool,
+    pretrained_cfg: Any,
+    pretrained_cfg_overlay: dict | None,
+    pretrained_filter_fn: Callable | None,
+    pretrained_strict: bool,
+    cache_dir: str | os.PathLike | None,
+    kwargs: dict[str, Any],
+) -> nn.Module:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     cfg = cfg.to_dict()
     if not pretrained:

@@ -25,13 +25,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, lecun_normal_, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import UserError
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
+from ._pretrained import build_model_with_cfg
 from ._registry import register_variants, repa_cfg
 from .record import CheckpointMismatchError
 
@@ -125,7 +126,7 @@ class RePaMlpMixer(ReparamMixin, nn.Module):
         check_idle_ratio(idle_ratio)
         check_reparameterizable(feature_norm, reparameterized)
         self.heuristic = check_static_heuristic(heuristic, "RePaMlpMixer")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.channel_idle, self.idle_ratio, self.feature_norm = channel_idle, idle_ratio, feature_norm
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.patch_size, self.depth = patch_size, depth
@@ -184,12 +185,7 @@ class RePaMlpMixer(ReparamMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._reset_head(num_classes, global_pool, ("avg", ""), self.embed_dim)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` -> normalized tokens ``(B, N, embed_dim)``."""

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -30,6 +30,7 @@ from ..layers.ffn_state import ffn_forms, prepare_ffns
 from ..layers.idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
 from ..layers.idle_mlp import active_channels, check_feature_norm, check_idle_ratio
 from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
+from ._pretrained import build_model_with_cfg
 from ._registry import register_variants, repa_cfg
 from .record import CheckpointMismatchError
 
@@ -160,7 +161,7 @@ class RePaPoolFormer(ReparamMixin, nn.Module):
         check_reparameterizable(feature_norm, reparameterized)
         self.heuristic = check_static_heuristic(heuristic, "RePaPoolFormer")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.channel_idle, self.idle_ratio, self.feature_norm = channel_idle, idle_ratio, feature_norm
         self.depths, self.embed_dims = tuple(layers), tuple(embed_dims)
         self.pool_size, self.layer_scale_init_value = pool_size, layer_scale_init_value if use_layer_scale else None
@@ -226,12 +227,7 @@ class RePaPoolFormer(ReparamMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._reset_head(num_classes, global_pool, ("avg", ""), self.num_features)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` -> normalized last-stage map ``(B, num_features, H/32, W/32)``."""

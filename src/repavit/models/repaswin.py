@@ -336,7 +336,8 @@ class RePaSwin(ReparamMixin, nn.Module):
         check_reparameterizable(feature_norm, reparameterized)
         self.heuristic = check_static_heuristic(heuristic, "RePaSwin")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
+        self.output_fmt = "NHWC"  # forward_features gives (B, H, W, C), as timm's Swin declares (its wrappers read it)
         self.channel_idle, self.idle_ratio, self.feature_norm = channel_idle, idle_ratio, feature_norm
         self.img_size, self.patch_size, self.window_size = img_size, patch_size, window_size
         self.embed_dim, self.depths, self.num_heads = embed_dim, tuple(depths), tuple(num_heads)
@@ -417,12 +418,7 @@ class RePaSwin(ReparamMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._reset_head(num_classes, global_pool, ("avg", ""), self.num_features)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` -> normalized last-stage map ``(B, H/32, W/32, num_features)``."""

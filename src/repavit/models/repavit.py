@@ -153,7 +153,7 @@ class RePaViT(ReparamMixin, nn.Module):
         check_idle_ratio(idle_ratio)
         if reparameterized and feature_norm != "BatchNorm":
             raise UserError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
@@ -219,12 +219,7 @@ class RePaViT(ReparamMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise UserError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._reset_head(num_classes, global_pool, ("token", "avg", ""), self.embed_dim)
 
     def _embed(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)  # (B, N, C)
