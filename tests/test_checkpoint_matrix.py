@@ -295,6 +295,7 @@ TRAIN_CONFLICTS = [
     ("--input_size 64", "trained with img_size=32, --input_size 64 was given"),
     ("--nb_classes 5", "trained with num_classes=3, --nb_classes 5 was given"),
     ("--model_kwargs depth=3", "trained with depth=2, --model_kwargs depth=3 was given"),
+    ("--model_kwargs num_heads=1", "trained with num_heads=2, --model_kwargs num_heads=1 was given"),  # same shapes
 ]
 
 
@@ -320,6 +321,7 @@ DEPLOY_CONFLICTS = [
     ("--num-classes 5", "trained with num_classes=3, --num-classes 5 was given"),
     ("--img-size 64", "trained with img_size=32, --img-size 64 was given"),
     ("--model-arg depth=3", "trained with depth=2, --model-arg depth=3 was given"),
+    ("--model-arg num_heads=1", "trained with num_heads=2, --model-arg num_heads=1 was given"),  # same shapes
 ]
 
 
@@ -357,8 +359,8 @@ def test_python_api_refuses_contradicting_settings(run, kwargs):
 def test_omitted_flags_are_taken_from_the_record_and_said(run, caplog, capsys):
     with caplog.at_level("INFO"):
         assert cli(f"eval --resume {run['files']['train']} --data_path {run['data']} --num_workers 0") == 0
-    line = "model from checkpoint: RePaViT_Tiny, idle_ratio=0.5, BatchNorm FFN, 3 classes, img_size=32, depth=2"
-    assert line in caplog.text
+    line = "model from checkpoint: RePaViT_Tiny, idle_ratio=0.5, BatchNorm FFN, 3 classes, img_size=32, patch_size=8"
+    assert line in caplog.text and "depth=2, num_heads=2" in caplog.text
     capsys.readouterr()
     # the seed README's way (every flag given) agrees with the record, so it is accepted
     assert cli(f"eval {TRAIN} --resume {run['files']['train']} --data_path {run['data']}") == 0

@@ -108,11 +108,11 @@ def test_convert_record_less_training_form_needs_the_idle_ratio(tmp_path, capsys
         "RePaViT_Tiny",
         "--model-arg",
         "depth=2",
-        "--img-size",
-        "32",
         "-o",
         tmp_path / "c",
     ]
+    code, _, err = run(capsys, *argv, "--img-size", "32")  # the position embedding says 224
+    assert code == 2 and "position embedding is for img_size=224, --img-size 32 was given" in err
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.count("\n") == 1, err
     assert "records no model settings" in err and "--idle-ratio R" in err and "--no-channel-idle" in err

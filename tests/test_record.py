@@ -74,7 +74,7 @@ def test_released_shaped_file_takes_the_release_settings_with_a_warning(tmp_path
     with caplog.at_level("INFO"):
         loaded = load_model(path)
     assert loaded.model_name == "RePaViT_Tiny" and loaded.model_args["idle_ratio"] == 0.5
-    assert loaded.released is not None and loaded.released.top1 == 69.4
+    assert loaded.released is None and loaded.release_like.top1 == 69.4  # assumed, not known
     assert "shaped like the released RePaViT_Tiny weights" in caplog.text
     assert "from its tensor shapes: RePaViT_Tiny, 1000 classes, img_size=224, BatchNorm FFN" in caplog.text
     # an explicit setting wins over the table, and is then the caller's claim (no released-weights card)
@@ -86,7 +86,7 @@ def test_training_form_without_record_is_refused_unless_the_ratio_is_given(tmp_p
     model = _model(idle_ratio=0.5)
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    with pytest.raises(CheckpointMismatchError, match=r"records no model settings.*idle_ratio='R'") as e:
+    with pytest.raises(CheckpointMismatchError, match=r"records no model settings.*idle_ratio=R") as e:
         load_model(path, "RePaViT_Tiny", depth=2, img_size=32)
     assert "\n" not in str(e.value)
     loaded = load_model(path, "RePaViT_Tiny", depth=2, img_size=32, idle_ratio=0.5)
@@ -182,3 +182,166 @@ def test_timm_pretrained_file_overlay_honours_the_record(tmp_path):
         timm.create_model(
             "RePaViT_Tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=2, idle_ratio=0.75
         )
+
+
+# ---- records that are incomplete, stale, damaged or contradicted (found by probing as a user) ----------
+def _saved(tmp_path, model, name="m.pth", **record_changes):
+    record = record_of(model)
+    data = record.to_dict()
+    for key, value in record_changes.items():
+        if value is None:
+            data["model_args"].pop(key, None)
+        else:
+            data["model_args"][key] = value
+    path = tmp_path / name
+    torch.save({"model": model.state_dict(), "record": data, "format": "repavit-train-v2"}, path)
+    return path
+
+
+def test_a_record_without_an_ffn_setting_means_the_constructor_default_for_every_reader(tmp_path, caplog):
+    model = _model(idle_ratio=0.5)
+    path = _saved(tmp_path, model, channel_idle=None)
+    with caplog.at_level("WARNING"):
+        loaded = load_model(path)
+    assert loaded.model_args["channel_idle"] is True and "does not state channel_idle" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x()), model(x()), rtol=0, atol=0)
+
+
+def test_every_architecture_argument_is_recorded_and_guarded(tmp_path):
+    model = _model(idle_ratio=0.5)
+    args = record_of(model).model_args
+    assert args["num_heads"] == 3 and args["embed_dim"] == 192 and args["qkv_bias"] is True
+    path = _saved(tmp_path, model)
+    with pytest.raises(CheckpointMismatchError, match="trained with num_heads=3, num_heads=1 was given"):
+        load_model(path, num_heads=1)  # same shapes, another function: never silently accepted
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"idle_ratio": "0.5"}, "idle_ratio='0.5' is not a number"),
+        ({"idle_ratio": None, "channel_idle": "true"}, "channel_idle='true' is not true or false"),
+        ({"img_size": [32]}, "img_size=\\[32\\] is not a positive"),
+        ({"feature_norm": "GroupNorm"}, "feature_norm='GroupNorm' is not"),
+        ({"num_classes": -1}, "num_classes=-1 is not"),
+    ],
+)
+def test_damaged_records_are_one_line_errors(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message) as e:
+        load_model(_saved(tmp_path, _model(), **changes))
+    assert "\n" not in str(e.value)
+
+
+def test_damaged_record_containers(tmp_path):
+    model = _model()
+    torch.save({"model": model.state_dict(), "record": "oops", "format": "repavit-train-v2"}, tmp_path / "a.pth")
+    torch.save({"model": model.state_dict(), "format": "repavit-train-v2"}, tmp_path / "b.pth")
+    for name in ("a.pth", "b.pth"):
+        with pytest.raises(ValueError, match="model record is missing or damaged"):
+            load_model(tmp_path / name)
+    data = record_of(model).to_dict()
+    for bad, message in (
+        ({**data, "class_names": "cat"}, "class_names must be a list"),
+        ({**data, "format_version": "3"}, "format_version '3' is not a whole number"),
+        ({**data, "format": "something-else"}, "has format 'something-else'"),
+    ):
+        torch.save({"model": model.state_dict(), "record": bad}, tmp_path / "c.pth")
+        with pytest.raises(ValueError, match=message):
+            load_model(tmp_path / "c.pth")
+
+
+def test_a_json_beside_a_header_less_safetensors_file_is_not_trusted(tmp_path, caplog):
+    ours, other = _model(idle_ratio=0.5), _model(idle_ratio=0.25)
+    repavit.models.save_checkpoint(tmp_path / "w", ours.state_dict(), record_of(ours))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "w.safetensors")  # replaced
+    with caplog.at_level("WARNING"), pytest.raises(CheckpointMismatchError, match="records no model settings"):
+        load_model(tmp_path / "w.safetensors", "RePaViT_Tiny", depth=2, img_size=32)
+    assert "w.json beside it is ignored" in caplog.text
+
+
+def test_a_hub_folder_whose_weights_were_replaced_is_refused(tmp_path):
+    from repavit.export import save_hub_folder
+
+    ours, other = _model(idle_ratio=0.5), _model(idle_ratio=0.25)
+    save_hub_folder(ours, tmp_path / "hub", record_of(ours), numbers={})
+    repavit.models.save_checkpoint(tmp_path / "hub" / "model", other.state_dict(), record_of(other))
+    with pytest.raises(CheckpointMismatchError, match="describe different models"):
+        load_model(tmp_path / "hub")
+    with pytest.raises(ValueError, match="describe different models"):
+        timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True)
+
+
+def test_timm_local_dir_refuses_a_contradicting_setting(tmp_path):
+    from repavit.export import save_hub_folder
+
+    model = _model(idle_ratio=0.5)
+    save_hub_folder(model, tmp_path / "hub", record_of(model), numbers={})
+    with pytest.raises(CheckpointMismatchError, match="trained with global_pool='token'"):
+        timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True, global_pool="avg")
+    ok = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True, num_classes=5)  # fine-tuning: new head
+    assert ok.num_classes == 5
+
+
+def test_a_release_shaped_file_is_not_published_as_the_release(tmp_path, capsys):
+    from repavit.cli.main import main
+
+    torch.save({"model": authors_state_dict("RePaViT_Tiny")}, tmp_path / "w.pth")
+    assert main(["convert", str(tmp_path / "w.pth"), "-o", str(tmp_path / "c")]) == 0
+    assert main(["push-to-hub", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "hub")]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "unverified: the source file recorded no settings and is shaped like the authors' released" in card
+    assert "reported in the paper" not in card and "imagenet-1k" not in card
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert "tag" not in config["pretrained_cfg"] and "69.4" not in json.dumps(config)
+
+
+def test_a_contradicted_heuristic_on_a_fused_file_is_refused(tmp_path):
+    model = _model(idle_ratio=0.75, heuristic="linear", depth=4)
+    torch.save({"model": authors_fused_state(model)}, tmp_path / "f.pth")
+    with pytest.raises(CheckpointMismatchError, match="with the static heuristic"):
+        load_model(tmp_path / "f.pth", "RePaViT_Tiny", depth=4, img_size=32, heuristic="static")
+
+
+def test_linear_heuristic_below_one_half_is_read_off_a_fused_file(tmp_path):
+    model = _model(idle_ratio=0.25, heuristic="linear", depth=4)  # clipped per-block ratios
+    torch.save({"model": authors_fused_state(model)}, tmp_path / "f.pth")
+    loaded = load_model(tmp_path / "f.pth", "RePaViT_Tiny", depth=4, img_size=32)
+    assert loaded.model_args["heuristic"] == "linear"
+    assert [b.mlp.act_dim for b in loaded.model.blocks] == [b.mlp.act_dim for b in model.blocks]
+    with torch.no_grad():
+        assert rel_err(loaded.model(x()), model(x())) < 1e-5
+
+
+def test_user_mistakes_in_deploy_commands_are_one_line(tmp_path, capsys):
+    from repavit.cli.main import main
+
+    model = _model(idle_ratio=0.5)
+    path = _saved(tmp_path, model)
+    ln = timm.create_model("RePaViT_Tiny", feature_norm="LayerNorm", **SMALL)
+    ln_path = tmp_path / "ln.pth"
+    repavit.models.save_checkpoint(ln_path, ln.state_dict(), record_of(ln))
+    image = tmp_path / "i.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(image)
+    deit = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32, num_classes=3)
+    deit_path = tmp_path / "deit.pth"
+    repavit.models.save_checkpoint(deit_path, deit.state_dict(), record_of(deit, "deit_tiny_patch16_224"))
+    cases = [
+        (["predict", image, "--checkpoint", path, "--model-arg", "reparameterized=true"], "is not a model setting"),
+        (["convert", path, "-o", ""], "give a file path"),
+        (["predict", image, "--checkpoint", path, "--device", "cuda"], "no CUDA GPU is available"),
+        (["predict", image, "--checkpoint", path, "--pretrained"], "either --checkpoint or --pretrained"),
+        (["predict", image, "--checkpoint", ln_path], "no reparameterized form: run its training form (--no-reparam)"),
+        (["export", path, "-o", tmp_path / "m.pt"], "names a torchscript file but --format is onnx"),
+        (["reparam", deit_path, "-o", tmp_path / "d"], "has no channel-idle FFNs"),
+    ]
+    for argv, message in cases:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+    assert main(["export", str(path), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--resume", str(tmp_path / "m.pt"), "--data_set", "SYNTH", "--num_workers", "0"]) == 2
+    assert "is a TorchScript export" in capsys.readouterr().err

@@ -233,11 +233,11 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[str, str]]:
         "unknown model": (f"train --model RePaViT_Gigantic --data_path {folder}", "unknown model 'RePaViT_Gigantic'"),
         "checkpoint of another model": (
             f"eval {base} --data_path {folder} --resume {other}",
-            "checkpoint has embed_dim 64, model 32",
+            "other.pth holds no channel-idle FFN: it is not a RePaViT_Tiny checkpoint",
         ),
         "resume of another model": (
             f"train {base} --data_path {folder} --resume {other}",
-            "checkpoint has embed_dim 64, model 32",
+            "other.pth holds no channel-idle FFN: it is not a RePaViT_Tiny checkpoint",
         ),
         "missing checkpoint": (f"eval {base} --data_path {folder} --resume {tmp / 'x.pth'}", "checkpoint not found"),
         "reparam on LayerNorm": (

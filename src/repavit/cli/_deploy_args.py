@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import yaml
@@ -50,6 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Model keyword arguments given on the command line (unset options left out)."""
+    from ..models.record import RUNTIME_ARGS
+
     out: dict[str, Any] = {}
     for key in ("idle_ratio", "feature_norm", "heuristic", "channel_idle", "num_classes", "img_size"):
         value = getattr(args, key, None)
@@ -57,9 +60,12 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     for item in getattr(args, "model_arg", []) or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        if key in RUNTIME_ARGS:
+            raise UserError(f"--model-arg {key} is not a model setting (the command decides it; see its --help)")
+        out[key] = yaml.safe_load(value)
     return out
 
 
@@ -77,6 +83,8 @@ def spell(key: str, value: Any) -> str:
     """How these commands name a setting in messages: ``--idle-ratio 0.5``, ``--model-arg depth=2``."""
     if key == "channel_idle":
         return "--channel-idle" if value else "--no-channel-idle"
+    if key == "reparameterized":
+        return "the default" if value else "--no-reparam"
     if key in _FLAGS:
         return f"{_FLAGS[key]} {value}"
     return f"--model-arg {key}={value}"
@@ -99,6 +107,8 @@ def load_from_args(args: argparse.Namespace, reparameterized: bool | None = None
 
 def check_output(output: str) -> None:
     """``-o`` of convert/reparam names a stem: ``X`` or ``X.safetensors`` (writes X.safetensors and X.json)."""
+    if not output.strip() or output.endswith(("/", os.sep)):
+        raise UserError(f"-o {output!r}: give a file path (without suffix), e.g. -o out/model")
     if output.endswith((".pth", ".pt", ".bin", ".onnx")):
         raise UserError(
             f"-o {output}: this command writes OUTPUT.safetensors and OUTPUT.json; give -o without a suffix"
@@ -110,8 +120,10 @@ def provenance(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
     extra: dict[str, Any] = {"source": str(args.checkpoint) + (" (EMA weights)" if args.use_ema else "")}
     if loaded.metrics:
         extra["metrics"] = loaded.metrics
-    if loaded.released is not None:
-        extra["released"] = f"{loaded.released.names[0]}.{loaded.released.tag}"
+    for key in ("released", "release_like"):
+        entry = getattr(loaded, key)
+        if entry is not None:
+            extra[key] = f"{entry.names[0]}.{entry.tag}"
     if loaded.assumptions:  # settings the source did not record: the record now states them, so keep why
         extra["assumed"] = loaded.assumptions
     return extra

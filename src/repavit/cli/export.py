@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ._deploy_args import add_source_args, load_from_args, mb
+from ..errors import UserError
+from ._deploy_args import add_source_args, load_from_args, mb, provenance
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx, export_torchscript, input_size_of, verify_onnx, verify_torchscript, write_sidecar
     from ..export.onnx import onnx_files_size
 
+    suffix = Path(args.output).suffix.lower()
+    expected = {"onnx": ".onnx", "torchscript": ".pt"}[args.format]
+    other = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}.get(suffix)
+    if other is not None and other != args.format:
+        raise UserError(
+            f"-o {args.output} names a {other} file but --format is {args.format}: pass --format {other} or name "
+            f"the file *{expected}"
+        )
+    if not Path(args.output).name:
+        raise UserError(f"-o {args.output!r}: give a file path, e.g. -o out/model{expected}")
     loaded = load_from_args(args, reparameterized=None if args.no_reparam else True)
     model = loaded.model.eval()
     record = loaded.record
@@ -66,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         verify = verify_torchscript
         what = "TorchScript"
         nbytes = path.stat().st_size
-    sidecar = write_sidecar(path, model, record, format=args.format, source=str(args.checkpoint))
+    sidecar = write_sidecar(path, model, record, format=args.format, **provenance(args, loaded))
     form = "" if loaded.reparameterized else ", training form"
     print(f"wrote {path} ({mb(nbytes)}; {record.describe()}{form}; {what}) and {sidecar.name}")
     if not args.no_verify:

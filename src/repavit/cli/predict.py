@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if args.checkpoint is None and not args.pretrained:
         raise UserError("give the weights: --checkpoint FILE_OR_FOLDER or --pretrained (with --model)")
+    if args.checkpoint is not None and args.pretrained:
+        raise UserError("give either --checkpoint or --pretrained, not both")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} was asked for but no CUDA GPU is available (use --device cpu)")
     for f in args.images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"image not found: {f}")

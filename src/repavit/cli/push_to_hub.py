@@ -36,7 +36,15 @@ def run(args: argparse.Namespace) -> int:
     record = record_of(model, loaded.model_name, loaded.model_args, loaded.class_names)
     numbers = measure_model(model, reference)
     out = save_hub_folder(
-        model, args.output_dir, record, args.repo_id, numbers, loaded.metrics, loaded.released, loaded.assumptions
+        model,
+        args.output_dir,
+        record,
+        args.repo_id,
+        numbers,
+        loaded.metrics,
+        loaded.released,
+        loaded.assumptions,
+        loaded.release_like,
     )
     print(f"wrote {out}/config.json, model.safetensors, README.md ({record.describe()})")
     for key, value in numbers.items():

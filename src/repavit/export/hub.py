@@ -121,6 +121,7 @@ def model_card(
     metrics: Mapping[str, Any] | None = None,
     released: ReleasedWeights | None = None,
     assumptions: list[str] | None = None,
+    release_like: ReleasedWeights | None = None,
 ) -> str:
     """Markdown model card (YAML front matter as the Hub expects), written from the model record.
 
@@ -133,7 +134,15 @@ def model_card(
     settings = ", ".join(f"`{k}={args[k]!r}`" for k in FFN_ARGS if k in args)
     load_name = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in numbers.items())
-    whose = f"the authors' released {released.names[0]} weights" if released else "not the authors' release"
+    if released is not None:
+        whose = f"the authors' released {released.names[0]} weights"
+    elif release_like is not None:
+        whose = (
+            f"unverified: the source file recorded no settings and is shaped like the authors' released "
+            f"{release_like.names[0]} weights, whose settings were assumed"
+        )
+    else:
+        whose = "not the authors' release"
     front = [
         "---",
         "tags:",
@@ -208,6 +217,7 @@ def save_hub_folder(
     metrics: Mapping[str, Any] | None = None,
     released: ReleasedWeights | None = None,
     assumptions: list[str] | None = None,
+    release_like: ReleasedWeights | None = None,
 ) -> Path:
     """Write ``model`` as a Hub-layout folder (``config.json``, ``model.safetensors``, ``README.md``).
 
@@ -221,6 +231,7 @@ def save_hub_folder(
         metrics: the accuracy the training run recorded with the weights (``acc1``, ``acc5``, ...).
         released: the released weights these are, if they are the authors' (the card then cites the paper).
         assumptions: what no file recorded about the model (listed in the card).
+        release_like: released weights the source was assumed to be (said, unverified, in the card).
 
     Returns:
         The folder.
@@ -239,8 +250,11 @@ def save_hub_folder(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(record.to_dict())}  # the weight file alone is enough too
     atomic_write(out / HUB_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    if cfg.get("architecture") != record.model_name:
-        model.pretrained_cfg = {**cfg, "architecture": record.model_name}
+    cfg = {**cfg, "architecture": record.model_name}
+    if released is None:  # the release's description and tag belong to the authors' weights only
+        cfg = {k: v for k, v in cfg.items() if k not in ("tag", "description")}
+        cfg["description"] = record.describe()
+    model.pretrained_cfg = cfg
     model_config = {"label_names": record.class_names} if record.class_names else None
     config_tmp = out / f".config.json.{os.getpid()}.tmp"
     try:
@@ -251,7 +265,7 @@ def save_hub_folder(
     config[HUB_RECORD_KEY] = record.to_dict()
     write_json(out / "config.json", config)
     numbers = dict(numbers) if numbers is not None else measure_model(model)
-    card = model_card(record, numbers, repo_id, metrics, released, assumptions)
+    card = model_card(record, numbers, repo_id, metrics, released, assumptions, release_like)
     atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card))
     _logger.info("wrote Hub-layout folder %s", out)
     return out

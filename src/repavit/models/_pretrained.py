@@ -161,8 +161,8 @@ def _apply_required_args(pretrained_cfg: Mapping[str, Any], kwargs: dict, record
     semantics: a new head, resampled position embeddings), any other override is an error.
     """
     name = pretrained_cfg.get("architecture", "model")
-    if record is not None and pretrained_cfg.get("source") not in ("local-dir", "hf-hub"):
-        where = pretrained_cfg.get("file") or name
+    if record is not None:
+        where = pretrained_cfg.get("file") or pretrained_cfg.get("hf_hub_id") or name
         for key, value in record.model_args.items():
             if key not in kwargs:
                 kwargs[key] = value
@@ -288,11 +288,29 @@ def build_model_with_cfg(
     """
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = _build(
+        model, used = _build(
             model_cls, variant, pretrained, pretrained_cfg, pretrained_cfg_overlay, pretrained_filter_fn,
             pretrained_strict, cache_dir, kwargs,
         )  # fmt: skip
+    # every constructor argument, the name's defaults included, for the model record (repavit.models.record)
+    model._arch_args = {**_signature_defaults(model_cls), **{k: v for k, v in used.items() if _plain_value(v)}}
     return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain_value(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _signature_defaults(model_cls: Callable[..., nn.Module]) -> dict[str, Any]:
+    import inspect
+
+    return {
+        p.name: p.default
+        for p in inspect.signature(model_cls.__init__).parameters.values()
+        if p.name != "self" and p.default is not inspect.Parameter.empty and _plain_value(p.default)
+    }
 
 
 def _build(
@@ -305,21 +323,22 @@ def _build(
     pretrained_strict: bool,
     cache_dir: str | os.PathLike | None,
     kwargs: dict[str, Any],
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     cfg = cfg.to_dict()
     if not pretrained:
-        return _timm_build_model_with_cfg(
+        model = _timm_build_model_with_cfg(
             model_cls, variant, False, pretrained_cfg=cfg, pretrained_strict=pretrained_strict, **kwargs
         )
-    # a local file may carry its own record: read it first; for released weights the table decides before downloading
-    local_file = bool(cfg.get("file")) and cfg.get("source") not in ("local-dir", "hf-hub")
-    if not local_file:
+        return model, kwargs
+    # a weight file may carry its own record: read it first; for released weights the table decides before downloading
+    released = not cfg.get("file") and cfg.get("source") not in ("local-dir", "hf-hub")
+    if released:
         kwargs = _apply_required_args(cfg, dict(kwargs))
     path = resolve_weights_file(cfg, cache_dir)
     _logger.info("loading pretrained weights from %s", path)
-    ckpt = open_checkpoint(path)
-    if local_file:
+    ckpt = open_checkpoint(path.parent if cfg.get("source") == "local-dir" else path)
+    if not released:
         kwargs = _apply_required_args(cfg, dict(kwargs), ckpt.record)
     state = ckpt.state_dict()
     # timm loads an in-memory state dict when the cfg carries one and names no other source. It keeps the
@@ -343,7 +362,7 @@ def _build(
             restored = {k: v for k, v in kept.items() if k != "state_dict"}
             restored.update({k: cfg[k] for k in _SOURCE_KEYS if cfg.get(k) is not None})
             m.pretrained_cfg = m.default_cfg = restored
-    return model
+    return model, kwargs
 
 
 def load_released_weights(

@@ -125,10 +125,25 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     except pickle.UnpicklingError as e:
         raise UserError(_refusal(str(path), e)) from None
     except (RuntimeError, EOFError, OSError) as e:
+        if _is_torchscript(path):
+            raise UserError(
+                f"{path} is a TorchScript export (load it with torch.jit.load), not a checkpoint; use the checkpoint "
+                "it was exported from"
+            ) from None
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); is it complete?") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a checkpoint dictionary")
     return raw
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _first_line(err: BaseException) -> str:
@@ -331,9 +346,16 @@ def _record_in_dict(raw: Mapping[str, Any], where: str) -> tuple[ModelRecord | N
     """``(record, origin, layout)`` of a ``.pth`` file's contents."""
     if isinstance(raw.get("record"), Mapping):
         return ModelRecord.from_dict(raw["record"], where), "its model record", "repavit-train"
+    if raw.get("format") == TRAIN_FORMAT or "record" in raw:
+        raise UserError(f"{where} is a repavit checkpoint whose model record is missing or damaged")
     if raw.get("format") in _TRAIN_FORMATS or (isinstance(raw.get("model_name"), str) and "model_kwargs" in raw):
-        kwargs = raw.get("model_kwargs") if isinstance(raw.get("model_kwargs"), Mapping) else {}
-        record = ModelRecord(raw["model_name"], kwargs, reparameterized=bool(raw.get("reparameterized", False)))
+        kwargs = raw.get("model_kwargs")
+        if not isinstance(raw.get("model_name"), str) or not isinstance(kwargs, Mapping):
+            raise UserError(f"{where} is a repavit checkpoint whose model_name/model_kwargs are missing or damaged")
+        try:
+            record = ModelRecord(raw["model_name"], kwargs, reparameterized=bool(raw.get("reparameterized", False)))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         return record, "its model record", "repavit-train"
     if isinstance(raw.get("args"), argparse.Namespace):
         record = _record_from_namespace(raw["args"])
@@ -351,10 +373,15 @@ def _safetensors_record(path: Path) -> tuple[ModelRecord | None, dict[str, Any]]
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     text = meta.get(METADATA_KEY)
-    sidecar = path.with_suffix(".json")
-    if text is None and sidecar.is_file():
-        text = sidecar.read_text()
     if text is None:
+        # this package always writes the record into the header; a JSON beside a header-less file
+        # belongs to other weights (the file was replaced), so it is not trusted
+        if path.with_suffix(".json").is_file():
+            _logger.warning(
+                "%s carries no model record; %s beside it is ignored (it was not written with these weights)",
+                path.name,
+                path.with_suffix(".json").name,
+            )
         return None, {}
     try:
         data = json.loads(text)
@@ -374,7 +401,19 @@ def _folder_record(folder: Path) -> ModelRecord:
     except json.JSONDecodeError as e:
         raise UserError(f"{config_file} is not valid JSON ({e})") from None
     if isinstance(config.get(HUB_RECORD_KEY), Mapping):
-        return ModelRecord.from_dict(config[HUB_RECORD_KEY], str(config_file))
+        record = ModelRecord.from_dict(config[HUB_RECORD_KEY], str(config_file))
+        weights = folder / HUB_WEIGHTS
+        header = _safetensors_record(weights)[0] if weights.is_file() else None
+        if header is not None and (header.model_name, header.model_args, header.reparameterized) != (
+            record.model_name,
+            record.model_args,
+            record.reparameterized,
+        ):
+            raise CheckpointMismatchError(
+                f"{config_file} and {weights.name} describe different models ({record.describe()} vs "
+                f"{header.describe()}): the folder was altered; write it again with `repavit push-to-hub`"
+            )
+        return record
     # a folder written by timm or by version 1 of this package: timm's layout
     args = dict(config.get("model_args") or {})
     fused = bool(args.pop("reparameterized", False))

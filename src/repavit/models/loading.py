@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..layers.ffn_state import ffn_modules
-from ..layers.idle_mlp import reparameterize_module
+from ..layers.idle_mlp import active_channels, idle_ratios_for_depth, reparameterize_module
 from ._pretrained import ReleasedWeights, released_weights
-from ._registry import identify_variant, same_architecture
+from ._registry import ARCHITECTURE, identify_variant, same_architecture
 from .checkpoint import Checkpoint, load_checkpoint, open_checkpoint, state_feature_norm, state_form
 from .record import (
     FFN_ARGS,
@@ -86,7 +86,9 @@ class Settings:
         notes: lines for the user: what was taken from the record or read off the shapes.
         warnings: lines for assumptions the file did not back (the released-weights table, defaults).
         class_names: the head's class names, when recorded.
-        released: the released weights the settings were taken from, if they were.
+        released: the authors' released weights these are (a conversion of ``pretrained=True`` weights).
+        release_like: the released weights whose settings were assumed for a record-less file shaped
+            like them (an assumption: nothing shows the file is the authors').
         assumed: assumptions an earlier conversion made and recorded with the file.
     """
 
@@ -96,6 +98,7 @@ class Settings:
     warnings: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     released: ReleasedWeights | None = None
+    release_like: ReleasedWeights | None = None
     assumed: list[str] = field(default_factory=list)
 
 
@@ -146,24 +149,52 @@ def _from_record(ckpt: Checkpoint, model_name: str | None, given: dict[str, Any]
             )
     args = {**record.model_args, **given}
     settings = Settings(record.model_name, args, class_names=record.class_names)
+    missing = [k for k in FFN_ARGS if k not in args]
+    if missing and _is_repa(record.model_name):
+        # a record written by timm (or version 1, or edited) that leaves an FFN setting out means the
+        # constructor's default, as timm itself reads it: say so instead of letting each reader guess
+        defaults = _ffn_defaults(record.model_name, args)
+        args.update({k: defaults[k] for k in missing})
+        settings.warnings.append(
+            f"{where}'s record does not state {', '.join(missing)}; using {record.model_name}'s defaults "
+            f"({', '.join(f'{k}={defaults[k]}' for k in missing)}), as its constructor does"
+        )
     assumed = ckpt.info.get("assumed")  # what a conversion had to assume, carried with the file
     if isinstance(assumed, list):
         settings.assumed = [str(a) for a in assumed]
-    released = ckpt.info.get("released")  # a conversion of the authors' release says so
-    if isinstance(released, str):
-        name, _, tag = released.partition(".")
-        entry = released_weights(name, tag or None)
+    for key in ("released", "release_like"):  # a conversion of the authors' weights (or of a file shaped like them)
+        tag = ckpt.info.get(key)
+        entry = released_weights(*tag.partition(".")[::2]) if isinstance(tag, str) else None
         if entry is not None and all(same_setting(args.get(k), v) for k, v in entry.model_args.items()):
-            settings.released = entry
+            setattr(settings, key, entry)
+    overrides = None if record.overrides is None else [*record.overrides, *given]
     taken = [k for k in record.model_args if k not in given]
     if taken or not model_name:
-        settings.notes.append(f"model from checkpoint: {describe_settings(record.model_name, args)}")
+        settings.notes.append(f"model from checkpoint: {describe_settings(record.model_name, args, False, overrides)}")
     return settings
+
+
+def _is_repa(name: str) -> bool:
+    from . import is_repa_model
+
+    return is_repa_model(name)
+
+
+def _ffn_defaults(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The FFN settings ``name`` builds with when none is given (read off a model on the meta device)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, **{k: v for k, v in args.items() if k not in FFN_ARGS})
+    return {k: getattr(model, k) for k in FFN_ARGS}
 
 
 def _plain(value: Any) -> str:
     value = _square(value)
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _supports_linear(name: str) -> bool:
+    """Families with per-block idle ratios (``heuristic="linear"``); RePaSwin and RePaPoolFormer have none."""
+    return ARCHITECTURE.get(name.split(".")[0], ("",))[0].endswith(("repavit", "repamlpmixer"))
 
 
 def _from_shapes(
@@ -188,25 +219,44 @@ def _from_shapes(
     form = state_form(sd)
     if form == "mixed":
         raise CheckpointMismatchError(f"{where} mixes training-form and fused FFNs; no model loads it")
+    if form is None and _is_repa(name):
+        raise CheckpointMismatchError(f"{where} holds no channel-idle FFN: it is not a {name} checkpoint")
     head = sd.get("head.weight")
-    if "num_classes" not in args and isinstance(head, Tensor) and head.dim() == 2:
-        args["num_classes"] = int(head.shape[0])
-        read.append(f"{args['num_classes']} classes")
+    if isinstance(head, Tensor) and head.dim() == 2:
+        _read(args, read, "num_classes", int(head.shape[0]), f"{int(head.shape[0])} classes", where, spell, "head")
     img = _image_size_of(sd)
-    if "img_size" not in args and img is not None:
-        args["img_size"] = img
-        read.append(f"img_size={img}")
+    if img is not None:
+        _read(args, read, "img_size", img, f"img_size={img}", where, spell, "position embedding")
+    elif "img_size" not in args and _is_repa(name):
+        default = _square(timm.models.get_pretrained_cfg_value(name.split(".")[0], "input_size")[-1])
+        settings.warnings.append(
+            f"{where} records no image size and its weights fit any: img_size={default} assumed "
+            f"(pass {spell('img_size', 'S')} if it was trained at another size)"
+        )
     if form is not None:
-        if "feature_norm" not in args:
-            args["feature_norm"] = state_feature_norm(sd)
-            read.append(f"{args['feature_norm']} FFN")
+        norm = state_feature_norm(sd)
+        _read(args, read, "feature_norm", norm, f"{norm} FFN", where, spell, "FFN keys")
         if form == "fused":
-            _idle_from_fused(sd, name, args, read, where, spell)
+            _idle_from_fused(sd, name, args, given, read, where, spell)
         else:
             _idle_for_training_form(name, args, given, settings, where, spell)
     if read:
         settings.notes.append(f"{where} records no model settings; from its tensor shapes: {', '.join(read)}")
     return settings
+
+
+def _read(
+    args: dict[str, Any], read: list[str], key: str, value: Any, text: str, where: str, spell: Spelling, what: str
+) -> None:
+    """Take a setting the tensor shapes decide, or refuse a given one that contradicts them."""
+    if key in args:
+        if not same_setting(args[key], value):
+            raise CheckpointMismatchError(
+                f"{where}'s {what} is for {key}={_plain(value)}, {spell(key, args[key])} was given"
+            )
+        return
+    args[key] = value
+    read.append(text)
 
 
 def _image_size_of(sd: Mapping[str, Tensor]) -> int | None:
@@ -225,38 +275,56 @@ def _image_size_of(sd: Mapping[str, Tensor]) -> int | None:
 
 
 def _idle_from_fused(
-    sd: Mapping[str, Tensor], name: str, args: dict[str, Any], read: list[str], where: str, spell: Spelling
+    sd: Mapping[str, Tensor],
+    name: str,
+    args: dict[str, Any],
+    given: Mapping[str, Any],
+    read: list[str],
+    where: str,
+    spell: Spelling,
 ) -> None:
-    """A fused file's idle ratio from its activated widths (exact: the shapes are the structure)."""
-    if "idle_ratio" in args or args.get("channel_idle") is False:
+    """A fused file's idle settings from its activated widths (exact: the shapes are the structure).
+
+    Given settings are kept and checked by the load; only the missing ones are searched for.
+    """
+    if "idle_ratio" in given or given.get("channel_idle") is False:
         return
     rest = {k: v for k, v in args.items() if k not in FFN_ARGS}
-    dims = _act_dims(sd, name, rest)
-    acts, hidden = [a for a, _ in dims], [h for _, h in dims]
+    probe = _probe(name, rest)
+    acts = [_fused_act_dim(sd, prefix) for prefix in probe]
+    hidden = [m.hidden_dim for m in probe.values()]
     if not acts:
         return
     if acts == hidden:
         args["channel_idle"] = False
         read.append("no idle channels")
         return
-    r0 = 1 - acts[0] / hidden[0]
-    candidates = [("static", r0)]
-    d = len(acts)
-    if d > 2:  # the linear heuristic's first block has ratio (2r - 1) + (2 - 2r) / (d - 1)
-        candidates.append(("linear", (r0 + 1 - 2 / (d - 1)) / (2 - 2 / (d - 1))))
-    for heuristic, ratio in candidates:
-        for r in dict.fromkeys((round(ratio, 4), ratio)):
-            if not 0.0 <= r <= 1.0:
-                continue
-            trial = {**rest, "channel_idle": True, "idle_ratio": r, "heuristic": heuristic}
-            if [m.act_dim for m in _probe(name, trial).values()] == acts:
-                args.update(channel_idle=True, idle_ratio=r, heuristic=heuristic)
+    heuristics = [given["heuristic"]] if "heuristic" in given else ["static", "linear"]
+    if not _supports_linear(name):
+        heuristics = [h for h in heuristics if h in ("static", "none", "")] or heuristics
+    rounding = getattr(next(iter(probe.values())), "rounding", "ceil")
+    depth = len(acts)
+    # every ratio in steps of 1/1000, then the exact one the first block implies: the candidates that
+    # reproduce every block's activated width (computed, not built)
+    candidates = sorted({round(i / 1000, 3) for i in range(1001)} | {1 - acts[0] / hidden[0]})
+    for heuristic in heuristics:
+        for r in candidates:
+            ratios = idle_ratios_for_depth(r, depth, heuristic if heuristic == "linear" else "static")
+            if all(active_channels(h, q, rounding) == a for h, q, a in zip(hidden, ratios, acts, strict=True)):
+                args.update(channel_idle=True, idle_ratio=r, heuristic="linear" if heuristic == "linear" else "static")
                 read.append(f"idle_ratio={r:g}" + (" (linear heuristic)" if heuristic == "linear" else ""))
                 return
+    tried = " or ".join(heuristics)
     raise CheckpointMismatchError(
         f"{where} activates {acts[0]} of {hidden[0]} hidden channels in its first FFN and a pattern over the others "
-        f"that fits no idle ratio of {name}: pass {spell('idle_ratio', 'R')}"
+        f"that fits no idle ratio of {name} with the {tried} heuristic: pass {spell('idle_ratio', 'R')}"
+        + (f" and {spell('heuristic', 'linear')}" if _supports_linear(name) and "heuristic" not in given else "")
     )
+
+
+def _fused_act_dim(sd: Mapping[str, Tensor], prefix: str) -> int:
+    out_w = sd.get(prefix + "out_proj.weight", sd.get(prefix + "fc3.weight"))
+    return 0 if out_w is None else int(out_w.shape[1])
 
 
 def _probe(name: str, args: Mapping[str, Any]) -> dict[str, nn.Module]:
@@ -265,51 +333,42 @@ def _probe(name: str, args: Mapping[str, Any]) -> dict[str, nn.Module]:
         return ffn_modules(timm.create_model(name, **args))
 
 
-def _act_dims(sd: Mapping[str, Tensor], name: str, args: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """Per FFN of the model: (activated width in the fused ``sd``, the model's hidden width)."""
-    out = []
-    for prefix, m in _probe(name, args).items():
-        out_w = sd.get(prefix + "out_proj.weight", sd.get(prefix + "fc3.weight"))
-        out.append((0 if out_w is None else int(out_w.shape[1]), m.hidden_dim))
-    return out
-
-
 def _idle_for_training_form(
     name: str, args: dict[str, Any], given: Mapping[str, Any], settings: Settings, where: str, spell: Spelling
 ) -> None:
     """A training-form file's idle settings: given, from the released-weights table, or refused."""
     if args.get("channel_idle") is False:
         return
+    linear_hint = _supports_linear(name)
     if "idle_ratio" in given:
         if "channel_idle" not in given:
             args["channel_idle"] = True
         if "heuristic" not in given:
             args["heuristic"] = "static"
-            settings.warnings.append(
-                f"{where} records no heuristic; assuming heuristic=static, the authors' default "
-                f"(pass {spell('heuristic', 'linear')} if it was trained with per-block ratios)"
-            )
+            if linear_hint:
+                settings.warnings.append(
+                    f"{where} records no heuristic; assuming heuristic=static, the authors' default "
+                    f"(pass {spell('heuristic', 'linear')} if it was trained with per-block ratios)"
+                )
         return
     entry = released_weights(name)
     release_shaped = (
         entry is not None
         and args.get("num_classes", 1000) == 1000
         and _square(args.get("img_size", 224)) == 224
+        and args.get("feature_norm") == entry.model_args.get("feature_norm")
         and all(k in _RELEASE_NEUTRAL or k in RUNTIME_ARGS or k.endswith("drop_rate") for k in given)
+        and all(same_setting(given[k], v) for k, v in entry.model_args.items() if k in given)
     )
     if release_shaped and entry is not None:
-        for key, value in entry.model_args.items():
-            if key in given and not same_setting(given[key], value):
-                break
-        else:
-            args.update({k: v for k, v in entry.model_args.items() if k not in given})
-            settings.released = entry
-            settings.warnings.append(
-                f"{where} records no idle ratio; it is shaped like the released {entry.names[0]} weights, so their "
-                f"settings are assumed ({', '.join(f'{k}={v}' for k, v in entry.model_args.items())}): pass "
-                f"{spell('idle_ratio', 'R')} if it was trained otherwise"
-            )
-            return
+        args.update({k: v for k, v in entry.model_args.items() if k not in given})
+        settings.release_like = entry
+        settings.warnings.append(
+            f"{where} records no idle ratio; it is shaped like the released {entry.names[0]} weights, so their "
+            f"settings are assumed ({', '.join(f'{k}={v}' for k, v in entry.model_args.items())}): pass "
+            f"{spell('idle_ratio', 'R')} if it was trained otherwise"
+        )
+        return
     hint = f" (the released {name} weights use idle_ratio={entry.model_args['idle_ratio']})" if entry else ""
     raise CheckpointMismatchError(
         f"{where} records no model settings, and a training-form FFN has the same shapes for every idle ratio: "
@@ -328,8 +387,10 @@ class LoadedModel:
         source: where the weights came from (a path, ``"pretrained"`` or ``"random"``).
         notes: what was taken from the record or read off the shapes (already logged at INFO).
         warnings: assumptions the file did not back (already logged as warnings).
-        released: the released weights these are, when known (``pretrained=True``, or a record-less
-            file shaped like a release).
+        released: the authors' released weights these are: loaded with ``pretrained=True`` (or a
+            conversion of such weights).
+        release_like: released weights whose settings were assumed because the file, recording none,
+            is shaped like them (nothing shows it is the authors').
         metrics: the evaluation training recorded with the weights (``acc1``, ``epoch``, ...), if any.
         assumed: assumptions an earlier conversion made and recorded with the file.
     """
@@ -342,6 +403,7 @@ class LoadedModel:
     released: ReleasedWeights | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     assumed: list[str] = field(default_factory=list)
+    release_like: ReleasedWeights | None = None
 
     @property
     def assumptions(self) -> list[str]:
@@ -419,12 +481,20 @@ def load_model(
         )
     if reparameterized is False and fused_state:
         raise CheckpointMismatchError(
-            f"{ckpt.name} is already reparameterized (fused); its training form cannot be recovered"
+            f"{ckpt.name} is already reparameterized (fused); its training form cannot be recovered "
+            f"(load it as it is: {spell('reparameterized', True)})"
+        )
+    if reparameterized and settings.model_args.get("feature_norm") == "LayerNorm":
+        raise CheckpointMismatchError(
+            f"{ckpt.name} has LayerNorm FFNs, which have no reparameterized form: run its training form "
+            f"({spell('reparameterized', False)})"
         )
     model = _build(settings.model_name, settings.model_args, fused_state)
     load_checkpoint(model, sd)
     model.eval()
     if reparameterized and not fused_state:
+        if not any(callable(getattr(m, "fuse", None)) for m in model.modules()):
+            raise UserError(f"{settings.model_name} has no channel-idle FFNs: there is nothing to reparameterize")
         reparameterize_model(model, inplace=True)
     record = record_of(model, settings.model_name, class_names=settings.class_names)
     metrics = ckpt.metrics
@@ -439,6 +509,7 @@ def load_model(
         settings.released,
         {k: v for k, v in metrics.items() if v is not None},
         settings.assumed,
+        settings.release_like,
     )
 
 

@@ -80,6 +80,8 @@ class CheckpointMismatchError(UserError):
 
 def python_spelling(key: str, value: Any) -> str:
     """How the Python API names a setting: ``idle_ratio=0.5`` (``model_name='RePaViT_Tiny'``)."""
+    if isinstance(value, str) and value in ("R", "S", "NAME"):  # a placeholder, not a value
+        return f"{key}={value}"
     return f"{key}={value!r}"
 
 
@@ -116,10 +118,46 @@ def jsonable(value: Any, what: str = "model argument") -> Any:
     raise UserError(f"{what} {value!r} ({type(value).__name__}) cannot be recorded: only plain values can")
 
 
+def _plain(value: Any) -> str:
+    """``0.75`` for 0.75, ``224`` for ``[224, 224]``: a setting as a person writes it."""
+    value = _square(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _package_version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def check_settings(args: Mapping[str, Any]) -> None:
+    """Refuse recorded settings of the wrong type or range (a hand-edited or damaged record), naming the key."""
+
+    def bad(key: str, want: str) -> UserError:
+        return UserError(f"model record: {key}={args[key]!r} is not {want}")
+
+    number = (int, float)
+    if "channel_idle" in args and not isinstance(args["channel_idle"], bool):
+        raise bad("channel_idle", "true or false")
+    if "idle_ratio" in args:
+        r = args["idle_ratio"]
+        if isinstance(r, bool) or not isinstance(r, number) or not 0.0 <= r <= 1.0:
+            raise bad("idle_ratio", "a number in [0, 1]")
+    if "feature_norm" in args and args["feature_norm"] not in ("BatchNorm", "LayerNorm"):
+        raise bad("feature_norm", "'BatchNorm' or 'LayerNorm'")
+    if "heuristic" in args and args["heuristic"] not in ("static", "linear", "none", ""):
+        raise bad("heuristic", "'static' or 'linear'")
+    if "num_classes" in args:
+        n = args["num_classes"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise bad("num_classes", "a whole number >= 0")
+    if "img_size" in args:
+        size = args["img_size"]
+        sides = size if isinstance(size, (list, tuple)) else [size]
+        if len(sides) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            raise bad("img_size", "a positive whole number or [height, width]")
+        if len(sides) == 1 and isinstance(size, (list, tuple)):
+            raise bad("img_size", "a positive whole number or [height, width]")
 
 
 @dataclass
@@ -132,6 +170,8 @@ class ModelRecord:
         reparameterized: the weights are the fused inference form.
         class_names: one name per output of the head, when the training data had names.
         repavit_version: version of the package that wrote the record.
+        overrides: the arguments that were given when the model was built (the rest are the model
+            name's defaults); only used to describe the model briefly.
     """
 
     model_name: str
@@ -139,6 +179,7 @@ class ModelRecord:
     reparameterized: bool = False
     class_names: list[str] | None = None
     repavit_version: str | None = None
+    overrides: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -148,14 +189,19 @@ class ModelRecord:
         self.model_args = {
             k: jsonable(v) for k, v in self.model_args.items() if k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
         }
-        self.reparameterized = bool(self.reparameterized)
+        check_settings(self.model_args)
+        if not isinstance(self.reparameterized, bool):
+            raise UserError(f"model record: reparameterized={self.reparameterized!r} is not true or false")
         if self.class_names is not None:
-            if not isinstance(self.class_names, Sequence) or not all(isinstance(c, str) for c in self.class_names):
+            names = self.class_names
+            if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(c, str) for c in names):
                 raise UserError("model record: class_names must be a list of strings")
-            self.class_names = list(self.class_names)
+            self.class_names = list(names)
             n = self.model_args.get("num_classes")
             if isinstance(n, int) and n != len(self.class_names):
                 raise UserError(f"model record: {len(self.class_names)} class names for a head of {n} classes")
+        if self.overrides is not None:
+            self.overrides = [str(k) for k in self.overrides]
 
     # ---- (de)serialization ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -167,6 +213,7 @@ class ModelRecord:
             "reparameterized": self.reparameterized,
             "class_names": self.class_names,
             "repavit_version": self.repavit_version or _package_version(),
+            "overrides": self.overrides,
         }
 
     @classmethod
@@ -174,8 +221,12 @@ class ModelRecord:
         """Read a record written by :meth:`to_dict` (or by version 1 of this package)."""
         if not isinstance(data, Mapping):
             raise UserError(f"{where}: the model record is a {type(data).__name__}, not a mapping")
+        if data.get("format", RECORD_FORMAT) not in (RECORD_FORMAT, "repavit"):
+            raise UserError(f"{where}: the model record has format {data.get('format')!r}, not {RECORD_FORMAT!r}")
         version = data.get("format_version", 1)
-        if isinstance(version, int) and version > RECORD_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise UserError(f"{where}: the model record's format_version {version!r} is not a whole number")
+        if version > RECORD_VERSION:
             raise UserError(
                 f"{where} was written by a newer repavit (record version {version}, this one reads up to "
                 f"{RECORD_VERSION}); upgrade repavit"
@@ -187,8 +238,9 @@ class ModelRecord:
                 reparameterized=data.get("reparameterized", False),
                 class_names=data.get("class_names"),
                 repavit_version=data.get("repavit_version"),
+                overrides=data.get("overrides") if isinstance(data.get("overrides"), list) else None,
             )
-        except ValueError as e:
+        except UserError as e:
             raise UserError(f"{where}: {e}") from None
 
     # ---- for people -------------------------------------------------------------------------
@@ -199,18 +251,23 @@ class ModelRecord:
 
     def describe(self) -> str:
         """One line: ``RePaViT_Tiny, idle_ratio=0.75, BatchNorm FFN, 3 classes``."""
-        return describe_settings(self.model_name, self.model_args, self.reparameterized)
+        return describe_settings(self.model_name, self.model_args, self.reparameterized, self.overrides)
 
 
-def describe_settings(model_name: str, args: Mapping[str, Any], reparameterized: bool = False) -> str:
-    """``RePaViT_Tiny, idle_ratio=0.75, BatchNorm FFN, 3 classes`` (+ size overrides, the form)."""
+def describe_settings(
+    model_name: str, args: Mapping[str, Any], reparameterized: bool = False, overrides: Sequence[str] | None = None
+) -> str:
+    """``RePaViT_Tiny, idle_ratio=0.75, BatchNorm FFN, 3 classes`` (+ size overrides, the form).
+
+    Other arguments are listed when they were given (``overrides``; all of them when unknown).
+    """
     parts = [model_name]
     shown = {"channel_idle", "idle_ratio", "heuristic", "feature_norm", "num_classes", "img_size", "global_pool"}
     if args.get("channel_idle") is False:
         parts.append("no idle channels")
     elif "idle_ratio" in args:
         heuristic = args.get("heuristic")
-        parts.append(f"idle_ratio={args['idle_ratio']:g}" + (f" ({heuristic})" if heuristic == "linear" else ""))
+        parts.append(f"idle_ratio={_plain(args['idle_ratio'])}" + (f" ({heuristic})" if heuristic == "linear" else ""))
     if "feature_norm" in args:
         parts.append(f"{args['feature_norm']} FFN")
     if isinstance(args.get("num_classes"), int):
@@ -220,8 +277,11 @@ def describe_settings(model_name: str, args: Mapping[str, Any], reparameterized:
         parts.append(f"img_size={size}")
     if args.get("global_pool") not in (None, "token", "avg"):
         parts.append(f"global_pool={args['global_pool']!r}")
+    listed = set(args) if overrides is None else set(overrides)
     parts += [
-        f"{k}={v}" for k, v in args.items() if k not in shown and k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
+        f"{k}={v}"
+        for k, v in args.items()
+        if k in listed and k not in shown and k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
     ]
     if reparameterized:
         parts.append("reparameterized")
@@ -236,9 +296,8 @@ def model_args_of(model: nn.Module) -> dict[str, Any]:
     settings, head size, pooling and input size read off the model itself, so that defaults are
     written out.
     """
-    args = {
-        k: v for k, v in getattr(model, "_model_args", {}).items() if k not in RUNTIME_ARGS and k not in _TRAINING_ONLY
-    }
+    built_with = getattr(model, "_arch_args", None) or getattr(model, "_model_args", {})
+    args = {k: v for k, v in built_with.items() if k not in RUNTIME_ARGS and k not in _TRAINING_ONLY}
     for key in (*FFN_ARGS, "num_classes", "global_pool"):
         value = getattr(model, key, None)
         if isinstance(value, (str, int, float, bool)):
@@ -269,10 +328,12 @@ def record_of(
         raise UserError("the model has no pretrained_cfg naming its architecture; pass model_name")
     args = dict(model_args_of(model))
     args.update(model_args or {})
+    given = getattr(model, "_model_args", None)
     return ModelRecord(
         model_name=name,
         model_args=args,
         reparameterized=bool(getattr(model, "reparameterized", False)),
         class_names=list(class_names) if class_names is not None else None,
         repavit_version=_package_version(),
+        overrides=sorted(k for k in given if k in args) if given is not None else None,
     )

@@ -353,7 +353,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaViT) -> di
     depth = len({int(m.group(1)) for k in sd if (m := _BLOCK.match(k))})
     if depth and depth != len(model.blocks):
         raise CheckpointMismatchError(
-            f"checkpoint has {depth} blocks, model has {len(model.blocks)}: it is for another model size"
+            f"checkpoint has {depth} blocks, model has {len(model.blocks)}: it is for another model size "
+            f"(or the same size with depth={depth})"
         )
     msg = prepare_ffns(sd, model, model.feature_norm, model.reparameterized)
     if msg:

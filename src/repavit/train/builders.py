@@ -67,6 +67,9 @@ def check_model_name(cfg: TrainConfig) -> None:
         raise UserError(f"unknown model {cfg.model!r}; RePa models are: {names}")
     if cfg.reparam and not is_repa_model(cfg.model):
         raise UserError(f"--reparam applies to RePa models only; {cfg.model} has no reparameterized form")
+    ffn_flags = [f"--{k}" for k in ("channel_idle", "idle_ratio", "feature_norm", "heuristic") if k in cfg.given]
+    if ffn_flags and not is_repa_model(cfg.model):
+        raise UserError(f"{', '.join(ffn_flags)} applies to RePa models only; {cfg.model} has no channel-idle FFNs")
     if cfg.reparam and cfg.feature_norm != "BatchNorm":
         raise UserError(
             f"--reparam needs --feature_norm=BatchNorm; this model has feature_norm={cfg.feature_norm}, whose "
