@@ -94,3 +94,39 @@ def test_device_dtype_and_frozen_weights_survive(name):
     frozen = build(name).requires_grad_(False)
     frozen.reset_classifier(0)
     assert not [n for n, p in frozen.named_parameters() if p.requires_grad]
+
+
+SMALL = {
+    "repavit": dict(img_size=32, depth=2),
+    "repaswin": dict(img_size=64, window_size=2, embed_dim=24),
+    "repapoolformer": dict(embed_dims=(16, 32, 48, 64)),
+    "repamlpmixer": dict(img_size=64, embed_dim=64, depth=2),
+}
+AUTHORS_NAMES = [n for n in NAMES if n != n.lower()]
+
+
+def small(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    kw = SMALL[family(name)]
+    model = timm.create_model(name, num_classes=10, **kw)
+    side = kw.get("img_size", 64)
+    return model, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", AUTHORS_NAMES)
+@pytest.mark.parametrize("train", [False, True])
+def test_training_form_scripts_and_fx_traces_to_the_same_outputs(name, train):
+    """timm's TorchScript and FX tests, in both modes (FX with timm's leaf modules, as its feature extractor)."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model, x = small(name)
+    model.train(train)
+    torch.manual_seed(1)
+    want = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(torch.jit.script(model)(x), want, rtol=1e-5, atol=1e-5)
+    tracer = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
+    last = get_graph_node_names(model, tracer_kwargs=tracer)[int(train) ^ 1][-1]
+    fx = create_feature_extractor(model, return_nodes=[last], tracer_kwargs=tracer)
+    torch.manual_seed(1)
+    torch.testing.assert_close(next(iter(fx(x).values())), want, rtol=1e-5, atol=1e-5)

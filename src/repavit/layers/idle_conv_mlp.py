@@ -25,17 +25,17 @@ from torch import Tensor, nn
 from ..errors import UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 from .idle_mlp import (
+    PartialActivation,
     active_channels,
     channel_group_batch_norm,
     check_feature_norm,
     check_idle_ratio,
-    partial_activation,
 )
 
 __all__ = ["ChannelIdleConvMlp", "FusedIdleConvMlp"]
 
 
-class ChannelIdleConvMlp(nn.Module):
+class ChannelIdleConvMlp(PartialActivation, nn.Module):
     """Channel-idle FFN on NCHW maps (1x1 convs, BatchNorm2d), with layer scale and its residual.
 
     Args:
@@ -90,15 +90,21 @@ class ChannelIdleConvMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         u = self.norm1(x)
-        a = self.act_dim
-        if 0 < a < self.hidden_dim and type(self.norm2) is nn.BatchNorm2d:
+        if torch.jit.is_scripting():  # compiled alone: the eager branch below is not
+            y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
+        elif self._split_norm2():
             y = self._split_hidden(u)
-        else:  # LayerNorm form, nothing / everything idle, or a converted norm (e.g. SyncBatchNorm)
-            y = self.fc2(self.norm2(partial_activation(self.fc1(u), self.act, a)))  # (B, C, H, W)
+        else:  # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm), TorchScript
+            y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))  # (B, C, H, W)
         if self.ls is not None:
             y = y * self.ls[:, None, None]
         return x + self.drop_path(y)
 
+    def _split_norm2(self) -> bool:
+        """Whether the two channel groups can be normalized apart (a plain BatchNorm2d over partly idle channels)."""
+        return 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm2d
+
+    @torch.jit.unused
     def _split_hidden(self, u: Tensor) -> Tensor:
         """The hidden layer as two channel groups, never concatenated (see ``ChannelIdleMlp``).
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..errors import UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
@@ -80,7 +81,24 @@ def idle_ratios_for_depth(idle_ratio: float, depth: int, heuristic: str = "stati
     return [min(max(v, 0.0), 1.0) for v in ratios]
 
 
-class ChannelIdleMlp(nn.Module):
+class PartialActivation:
+    """``_partial_act(z)``: ``self.act`` on the first ``self.act_dim`` channels of ``z`` (axis 1), the rest unchanged.
+
+    A mixin of the training-form FFNs (put it before ``nn.Module``). No mask and no activation
+    computed on idle channels; works for ``(M, h)`` tokens and ``(B, h, H, W)`` maps alike, and
+    under TorchScript.
+    """
+
+    def _partial_act(self, z: Tensor) -> Tensor:
+        a = self.act_dim
+        if a == z.shape[1]:
+            return self.act(z)
+        if a == 0:
+            return z
+        return torch.cat((self.act(z[:, :a]), z[:, a:]), dim=1)
+
+
+class ChannelIdleMlp(PartialActivation, nn.Module):
     """Channel-idle FFN in its training form, with its residual connection.
 
     Args:
@@ -127,20 +145,24 @@ class ChannelIdleMlp(nn.Module):
     def extra_repr(self) -> str:
         return f"act_dim={self.act_dim}/{self.hidden_dim}, feature_norm={self.feature_norm}"
 
-    def _partial_act(self, z: Tensor) -> Tensor:
-        return partial_activation(z, self.act, self.act_dim)
-
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         # BatchNorm1d on (B*N, C) is BatchNorm1d on (B, C, N) without the transposes: same
         # per-channel statistics over every token, same running-stat update.
         u = self.norm1(x.reshape(-1, self.dim))  # (B*N, C)
-        if 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm1d:
+        if torch.jit.is_scripting():  # compiled alone: the eager branch below is not
+            y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
+        elif self._split_norm2():
             y = self._split_hidden(u)
-        else:  # LayerNorm form, nothing / everything idle, or a converted norm (e.g. SyncBatchNorm)
+        else:  # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm), TorchScript
             y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
         return x + self.drop_path(y.reshape(shape))  # (B, N, C)
 
+    def _split_norm2(self) -> bool:
+        """Whether the two channel groups can be normalized apart (a plain BatchNorm1d over partly idle channels)."""
+        return 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm1d
+
+    @torch.jit.unused
     def _split_hidden(self, u: Tensor) -> Tensor:
         """The hidden layer as two channel groups, never concatenated.
 
@@ -302,20 +324,6 @@ class FusedIdleMlp(nn.Module):
         return t[:, : self.dim] + self.out_proj(self.act(t[:, self.dim :]))
 
 
-def partial_activation(z: Tensor, act: Callable[[Tensor], Tensor], act_dim: int) -> Tensor:
-    """``act`` on the first ``act_dim`` channels of ``z`` (axis 1), the rest unchanged.
-
-    No mask and no activation computed on idle channels. Works for ``(M, h)`` tokens and
-    ``(B, h, H, W)`` maps alike.
-    """
-    h = z.shape[1]
-    if act_dim == h:
-        return act(z)
-    if act_dim == 0:
-        return z
-    return torch.cat((act(z[:, :act_dim]), z[:, act_dim:]), dim=1)
-
-
 def channel_group_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor, slice], Tensor]:
     """``norm(z, s)``: ``bn`` applied to ``z``, the channels ``s`` of its input (channel axis 1).
 
@@ -341,13 +349,15 @@ def channel_group_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[T
 
 
 def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``out + a @ b``: in place (no new buffer), except under autocast, which only casts out-of-place ops."""
+    """``out + a @ b``: in place (no new buffer), except under autocast, which only casts out-of-place ops,
+    and under TorchScript and FX tracing, which want the functional op."""
     if torch.jit.is_scripting():
         return torch.addmm(out, a, b)
-    kind = out.device.type
-    if kind == "meta" or torch.is_autocast_enabled(kind):  # autocast has no "meta" device type
-        return torch.addmm(out, a, b)
-    return out.addmm_(a, b)
+    else:
+        kind = "meta" if is_fx_symbolic_tracing() else out.device.type
+        if kind == "meta" or torch.is_autocast_enabled(kind):  # autocast has no "meta" device type
+            return torch.addmm(out, a, b)
+        return out.addmm_(a, b)
 
 
 def reparameterize_module(module: nn.Module) -> int:

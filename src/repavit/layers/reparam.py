@@ -22,6 +22,9 @@ class ReparamMixin:
     (No class-level annotations here: TorchScript would try to compile them.)
     """
 
+    # Python-side metadata that TorchScript must not compile
+    __jit_unused_properties__ = ("feature_info", "reparameterized", "stages")
+
     @property
     def reparameterized(self) -> bool:
         """True once any FFN is in its fused inference form."""

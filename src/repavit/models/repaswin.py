@@ -20,8 +20,6 @@ token's output). A stage whose map fits in one window (``min(H, W) <= window``) 
 as in the original classification model. Odd maps are padded before patch merging.
 """
 
-from __future__ import annotations
-
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -29,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
-from timm.models import generate_default_cfgs
+from timm.models import generate_default_cfgs, register_notrace_module
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -124,7 +122,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def position_bias(self) -> Tensor:
-        N = self.window_size**2
+        N = self.window_size * self.window_size  # an int in TorchScript too (** gives a float there)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
         return bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
 
@@ -146,6 +144,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+@register_notrace_module  # its window shift depends on the map size: a leaf for FX tracing (timm's convention)
 class SwinBlock(nn.Module):
     """``x + drop_path(W-MSA(norm1(x)))`` (shifted windows if ``shift_size``), then the channel-idle FFN.
 
@@ -200,6 +199,7 @@ class SwinBlock(nn.Module):
         """The cyclic shift used on an ``H x W`` map: none when the map fits in one window."""
         return 0 if min(H, W) <= self.window_size else self.shift_size
 
+    @torch.jit.ignore  # Python slicing builds a new mask; TorchScript calls back into Python for it
     def _mask(self, H: int, W: int, shift: int, ref: Tensor) -> Tensor | None:
         if (H, W) == self.input_resolution:
             return self.attn_mask
@@ -225,6 +225,7 @@ class SwinBlock(nn.Module):
         return self.mlp(x)
 
 
+@register_notrace_module  # pads odd map sizes: a leaf for FX tracing
 class PatchMerging(nn.Module):
     """Concatenate each 2x2 neighbourhood ((0,0), (1,0), (0,1), (1,1)) -> LayerNorm(4C) -> linear to 2C."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import ClassVar
 
 import torch
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
@@ -119,9 +118,6 @@ class RePaViT(ReparamMixin, nn.Module):
             ``forward_intermediates`` always return every token. Set the attribute to False to run
             the full computation (the benchmarks do, to compare with the paper).
     """
-
-    # Python-side metadata that TorchScript must not compile.
-    __jit_unused_properties__: ClassVar[list[str]] = ["feature_info", "reparameterized"]
 
     def __init__(
         self,
