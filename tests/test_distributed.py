@@ -188,7 +188,7 @@ def test_torchrun_ranks_stop_at_the_same_step_and_resume_bit_identical(tmp_path)
     os.kill(int(workers[1]), signal.SIGTERM)
     seen += agent.communicate(timeout=TIMEOUT)[0]
     assert "stopped by SIGTERM at epoch 2, step " in seen, seen[-4000:]
-    saved = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    saved = torch.load(out / "checkpoint_stopped.pth", map_location="cpu", weights_only=True)
     assert saved["position"]["epoch"] == 1 and len(saved["position"]["ranks"]) == 2
 
     r = torchrun(out, "--resume", "auto")

@@ -30,15 +30,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UserError, VerificationError
     from ..export import input_size_of, tensor_bytes
-    from ..models import record_of, reparameterize_model, save_checkpoint
+    from ..models import fold_refusal, record_of, reparameterize_model, save_checkpoint
 
     check_output(args.output)
     loaded = load_from_args(args, reparameterized=False)
     train = loaded.model.eval()
-    if not any(callable(getattr(m, "fuse", None)) for m in train.modules()):
-        raise UserError(f"{loaded.model_name} has no channel-idle FFNs: there is nothing to reparameterize")
-    if loaded.model_args.get("feature_norm") == "LayerNorm":
-        raise UserError(f"{args.checkpoint} has LayerNorm FFNs, which have no reparameterized form")
+    why = fold_refusal(train)
+    if why:
+        raise UserError(f"{args.checkpoint} cannot be reparameterized: {why}")
     fused = reparameterize_model(train)
     before, after = tensor_bytes(train), tensor_bytes(fused)
     params_before = sum(p.numel() for p in train.parameters())

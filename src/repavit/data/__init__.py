@@ -8,7 +8,7 @@ from .cifar import CIFAR100Local
 from .datasets import DATASETS, build_dataset, dataset_classes
 from .folder import image_folder, scan_image_folder
 from .inat import INAT_CATEGORIES, INatDataset
-from .samplers import RASampler, ShardedEvalSampler, SkipFirst
+from .samplers import EpochPositions, RASampler, ShardedEvalSampler
 from .seeded import SeededSamples
 from .synthetic import SyntheticImages
 from .transforms import TransformConfig, build_transform, three_augment
@@ -17,11 +17,11 @@ __all__ = [
     "DATASETS",
     "INAT_CATEGORIES",
     "CIFAR100Local",
+    "EpochPositions",
     "INatDataset",
     "RASampler",
     "SeededSamples",
     "ShardedEvalSampler",
-    "SkipFirst",
     "SyntheticImages",
     "TransformConfig",
     "build_dataset",

@@ -11,7 +11,7 @@ from torch.utils.data import Sampler
 
 from ..errors import UserError
 
-__all__ = ["RASampler", "ShardedEvalSampler", "SkipFirst"]
+__all__ = ["EpochPositions", "RASampler", "ShardedEvalSampler"]
 
 
 class RASampler(Sampler[int]):
@@ -87,21 +87,27 @@ class ShardedEvalSampler(Sampler[int]):
         return len(self.indices)
 
 
-class SkipFirst(Sampler[int]):
-    """The indices of ``sampler`` without its first ``skip``: the rest of an epoch that was interrupted.
+class EpochPositions(Sampler[tuple[int, int]]):
+    """``(index, position)`` for each index of ``sampler``'s epoch order, from position :attr:`skip` on.
 
-    The wrapped sampler must produce the same order as in the interrupted run (seeded generator,
-    ``set_epoch`` called), so that the skipped indices are exactly those already trained on.
+    The position lets :class:`~repavit.data.SeededSamples` give every sample of an epoch its own
+    random stream, copies of one image included (repeated augmentation sends them to different
+    processes or positions). ``skip`` resumes an interrupted epoch: the wrapped sampler must produce
+    the same order as in the interrupted run (seeded generator, ``set_epoch`` called), so that the
+    skipped positions are exactly those already trained on; they are passed over without loading.
     """
 
-    def __init__(self, sampler: Sampler[int], skip: int) -> None:
-        self.sampler, self.skip = sampler, int(skip)
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler, self.skip = sampler, 0
 
-    def __iter__(self) -> Iterator[int]:
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it, None)
-        yield from it
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.sampler):
+            if position >= self.skip:
+                yield int(index), position
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.skip, 0)  # type: ignore[arg-type]

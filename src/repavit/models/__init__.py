@@ -14,7 +14,16 @@ from .checkpoint import (
     state_form,
     unwrap_state_dict,
 )
-from .loading import LoadedModel, Settings, create_model, load_model, reparameterize_model, resolve_settings
+from .loading import (
+    LoadedModel,
+    Settings,
+    create_model,
+    fold_refusal,
+    foldable,
+    load_model,
+    reparameterize_model,
+    resolve_settings,
+)
 from .record import CheckpointMismatchError, ModelRecord, model_args_of, record_of
 from .repavit import RePaViT
 
@@ -44,6 +53,8 @@ __all__ = [
     "RePaViT",
     "Settings",
     "create_model",
+    "fold_refusal",
+    "foldable",
     "is_repa_model",
     "list_models",
     "load_checkpoint",

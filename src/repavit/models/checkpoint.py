@@ -79,6 +79,9 @@ HUB_RECORD_KEY = "repavit"  # config.json entry holding the record
 HUB_WEIGHTS = "model.safetensors"
 _FOLDER_FILES = (HUB_WEIGHTS, "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+# The process's umask, read once (reading it means setting it, which must not happen while other threads write).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -472,11 +475,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and some writers replace the file: set it after)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 (and some writers replace the file: set it after)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

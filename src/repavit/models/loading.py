@@ -52,10 +52,35 @@ from .record import (
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "Settings", "create_model", "load_model", "reparameterize_model", "resolve_settings"]
+__all__ = [
+    "LoadedModel",
+    "Settings",
+    "create_model",
+    "fold_refusal",
+    "foldable",
+    "load_model",
+    "reparameterize_model",
+    "resolve_settings",
+]
 
 # Arguments a file shaped like a release may be given without losing the released-weights table.
 _RELEASE_NEUTRAL = {*FFN_ARGS, "num_classes", "img_size", "global_pool"}
+
+
+def fold_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be reparameterized (one line), or None when it can."""
+    if getattr(model, "reparameterized", False):
+        return "it is already reparameterized"
+    if getattr(model, "feature_norm", "BatchNorm") != "BatchNorm":
+        return "its FFNs use LayerNorm, which normalizes each token by its own statistics: no fixed matrix absorbs it"
+    if not any(callable(getattr(m, "fuse", None)) for m in model.modules()):
+        return "it has no channel-idle FFNs"
+    return None
+
+
+def foldable(model: nn.Module) -> bool:
+    """True for a training-form RePa model whose FFNs fold (BatchNorm FFNs)."""
+    return fold_refusal(model) is None
 
 
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -493,8 +518,9 @@ def load_model(
     load_checkpoint(model, sd)
     model.eval()
     if reparameterized and not fused_state:
-        if not any(callable(getattr(m, "fuse", None)) for m in model.modules()):
-            raise UserError(f"{settings.model_name} has no channel-idle FFNs: there is nothing to reparameterize")
+        why = fold_refusal(model)
+        if why:
+            raise UserError(f"{ckpt.name} cannot be reparameterized: {why}")
         reparameterize_model(model, inplace=True)
     record = record_of(model, settings.model_name, class_names=settings.class_names)
     metrics = ckpt.metrics

@@ -17,8 +17,6 @@ owns its normalization and residual). The number of tokens, hence the token MLP,
 ``img_size``.
 """
 
-from __future__ import annotations
-
 import math
 import re
 from collections.abc import Mapping, Sequence

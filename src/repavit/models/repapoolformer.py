@@ -15,8 +15,6 @@ layer scale. The authors' fold scales only the weight, so their reparameterized 
 from their training form by O(1); their reparameterized checkpoints are refused here.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping, Sequence
 

@@ -11,8 +11,6 @@ A block is ``x + drop_path(attn(x))`` (the attention's LayerNorm lives inside ``
 by the channel-idle FFN, which owns its residual.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping
 

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from ..data import (
+    EpochPositions,
     RASampler,
     SeededSamples,
     ShardedEvalSampler,
-    SkipFirst,
     TransformConfig,
     build_dataset,
     build_transform,
@@ -45,9 +45,9 @@ __all__ = [
     "build_scheduler",
     "check_classes",
     "check_model_name",
+    "data_desc",
     "is_repa_model",
     "model_kwargs",
-    "rest_of_epoch",
     "settings_from_checkpoint",
     "spell",
 ]
@@ -145,6 +145,11 @@ def settings_from_checkpoint(cfg: TrainConfig, ckpt: Checkpoint) -> tuple[TrainC
     return cfg.with_given(given, **changes), settings
 
 
+def data_desc(cfg: TrainConfig) -> str:
+    """Where the run's data comes from, for messages."""
+    return cfg.rocksdb or cfg.data_path or f"--data_set {cfg.data_set}"
+
+
 def check_classes(ckpt: Checkpoint, settings: Settings, dataset: Dataset, data_desc: str) -> None:
     """Refuse data whose classes are not the checkpoint's (a wrong count, or the same count in other names)."""
     classes = [str(c) for c in dataset_classes(dataset)]
@@ -234,7 +239,6 @@ def build_datasets(cfg: TrainConfig, need_train: bool = True) -> tuple[Dataset |
         val = RobustDataset(val, fatal=cfg.fatal_bad_images)
         train = None if train is None else RobustDataset(train, fatal=cfg.fatal_bad_images)
     if train is not None:
-        train = SeededSamples(train, cfg.seed)  # augmentation streams per sample: exact mid-epoch resume
         tc, vc = dataset_classes(train), dataset_classes(val)
         if tc != vc:
             missing = sorted(set(tc) ^ set(vc))[:3]
@@ -248,7 +252,12 @@ def build_datasets(cfg: TrainConfig, need_train: bool = True) -> tuple[Dataset |
 def build_loaders(
     cfg: TrainConfig, env: DistEnv, train: Dataset | None, val: Dataset, generator: torch.Generator
 ) -> tuple[DataLoader | None, DataLoader]:
-    """Training loader (random / distributed / repeated-augmentation sampler) and validation loader."""
+    """Training loader (random / distributed / repeated-augmentation sampler) and validation loader.
+
+    The training loader's dataset is a :class:`SeededSamples` and its sampler an
+    :class:`EpochPositions`: call their ``set_epoch`` each epoch (and set the sampler's ``skip`` to
+    resume inside one).
+    """
     pin = cfg.pin_mem and env.device.type == "cuda"
     extra: dict[str, Any] = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
     train_loader = None
@@ -260,9 +269,9 @@ def build_loaders(
         else:
             sampler = RandomSampler(train, generator=generator)
         train_loader = DataLoader(
-            train,
+            SeededSamples(train, cfg.seed, env.rank),  # one random stream per sample: exact mid-epoch resume
             batch_size=cfg.batch_size,
-            sampler=sampler,
+            sampler=EpochPositions(sampler),
             num_workers=cfg.num_workers,
             pin_memory=pin,
             drop_last=True,
@@ -285,25 +294,6 @@ def build_loaders(
         **extra,
     )
     return train_loader, val_loader
-
-
-def rest_of_epoch(loader: DataLoader, skip_batches: int) -> DataLoader:
-    """``loader`` without its first ``skip_batches`` batches, without loading them: the same sampler order
-    (the caller seeds the generator and calls ``set_epoch`` first) minus the samples already trained on."""
-    if skip_batches == 0:
-        return loader
-    extra: dict[str, Any] = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=SkipFirst(loader.sampler, skip_batches * loader.batch_size),
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        generator=loader.generator,
-        worker_init_fn=loader.worker_init_fn,
-        **extra,
-    )
 
 
 # ---- optimization -----------------------------------------------------------------------------

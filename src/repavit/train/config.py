@@ -209,6 +209,7 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs must be >= 1"),
             (0 <= self.start_epoch, "--start_epoch must be >= 0"),
             (self.batch_size >= 1, "--batch_size must be >= 1"),
+            (self.seed >= 0, "--seed must be >= 0"),
             (self.color_jitter >= 0, "--color_jitter must be >= 0"),
             (0.0 <= self.smoothing < 1.0, "--smoothing must be in [0, 1)"),
             (self.ra_repeats >= 1, "--ra_repeats must be >= 1"),
@@ -302,12 +303,11 @@ class TrainConfig:
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved settings atomically (loadable again with ``--config``)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write("# Resolved settings of this run; reload with `repavit train --config <this file>`.\n")
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        from ..models.checkpoint import atomic_write
+
+        text = "# Resolved settings of this run; reload with `repavit train --config <this file>`.\n"
+        text += yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -154,6 +154,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:
+    """The largest of each number over all processes (float64)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def gather_objects(obj: object, env: DistEnv) -> list[object]:
     """Every process's ``obj`` (picklable), in rank order."""
     if not env.distributed:

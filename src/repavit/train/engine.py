@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..errors import UserError
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_reduce_max, all_reduce_sum
 from .progress import Progress
 
 __all__ = ["Precision", "evaluate", "train_one_epoch"]
@@ -64,16 +64,18 @@ class Precision:
             optimizer.step()
 
 
-def _check_finite(value: float, env: DistEnv, epoch: int, step: int, steps: int) -> None:
-    # Every process must stop together, or the others hang in the next all-reduce.
-    bad = not math.isfinite(value)
-    if env.distributed:
-        bad = all_reduce_sum([float(bad)], env)[0] > 0
+def _check_step(value: float, signum: int, env: DistEnv, epoch: int, step: int, steps: int) -> int:
+    """Raise if the loss is not finite on any process; return the stop signal any process received (0: none).
+
+    One all-reduce for both, so every process stops together (or the others would hang in the next one).
+    """
+    bad, signum = all_reduce_max([float(not math.isfinite(value)), float(signum)], env)
     if bad:
         raise UserError(
             f"loss is not finite at epoch {epoch + 1}, step {step + 1}/{steps}: training diverged "
             "(lower --lr or set --clip_grad)"
         )
+    return int(signum)
 
 
 def train_one_epoch(
@@ -94,7 +96,7 @@ def train_one_epoch(
     log_freq: int = 10,
     start_step: int = 0,
     carry: tuple[float, int] = (0.0, 0),
-    should_stop: Callable[[], bool] | None = None,
+    stop: Any = None,
 ) -> dict[str, Any]:
     """Train for ``updates_per_epoch`` optimizer updates of ``accumulation_steps`` micro-batches each.
 
@@ -104,8 +106,9 @@ def train_one_epoch(
     (fewer than ``accumulation_steps``) are skipped.
 
     A resumed epoch passes ``start_step`` (micro-batches already done; the loader yields the rest)
-    and ``carry`` (this process's loss sum and image count so far). ``should_stop`` is asked after
-    every update; when it says yes the epoch ends there.
+    and ``carry`` (this process's loss sum and image count so far). With ``stop`` (a
+    :class:`~repavit.train.stop.StopRequest`), the epoch ends after the first update at which any
+    process has received a stop signal.
 
     Returns the mean loss over all processes, the last learning rate, the number of images and
     images/s, and ``stopped_at`` (micro-batches done when stopped early, else None) with this
@@ -136,7 +139,7 @@ def train_one_epoch(
                 output = model(images)
                 loss = criterion(output, targets)
             loss_value = loss.item()
-            _check_finite(loss_value, env, epoch, i, n_micro)
+            signum = _check_step(loss_value, stop.signum or 0 if stop else 0, env, epoch, i, n_micro)
             precision.backward(loss / k)
         if last:
             precision.step(optimizer, params, clip_grad)
@@ -147,7 +150,8 @@ def train_one_epoch(
         loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
         progress.update(images.shape[0], loss=loss_value, lr=optimizer.param_groups[0]["lr"])
-        if last and i + 1 < n_micro and should_stop is not None and should_stop():
+        if last and i + 1 < n_micro and signum:
+            stop.signum = stop.signum or signum  # another process may have been the one signalled
             stopped_at = i + 1
             break
     progress.close()

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..bench.throughput import count_gmacs, count_params, interleaved_throughput
 from ..errors import UserError
-from ..models import Checkpoint, open_checkpoint, reparameterize_model
+from ..models import Checkpoint, foldable, open_checkpoint, reparameterize_model
 from ..models.checkpoint import write_json
 from .builders import (
     build_datasets,
@@ -29,6 +29,7 @@ from .builders import (
     build_model,
     check_classes,
     check_model_name,
+    data_desc,
     settings_from_checkpoint,
 )
 from .config import TrainConfig
@@ -42,12 +43,9 @@ from .distributed import (
 from .engine import evaluate
 from .rundir import RunDir
 from .tracking import WandbRun, check_wandb_env
-from .trainer import Trainer, foldable
+from .trainer import Trainer
 
 __all__ = ["evaluate_checkpoint", "fit", "run", "speed_test"]
-
-# Settings baked into a saved schedule (a resumed run keeps the checkpoint's schedule).
-_SCHEDULE_KEYS = ("sched", "epochs", "lr", "min_lr", "warmup_lr", "warmup_epochs", "unscale_lr", "accumulation_steps")
 
 _logger = logging.getLogger(__name__)
 
@@ -69,10 +67,6 @@ def _quiet_other_ranks(env: DistEnv) -> None:
         logging.getLogger("repavit").setLevel(logging.WARNING)
 
 
-def _is_fused(model: nn.Module) -> bool:
-    return bool(getattr(model, "reparameterized", False))
-
-
 def complexity(model: nn.Module, img_size: int) -> dict[str, dict[str, float]]:
     """Parameters (M) and GMACs (attention matmuls included) before and, if possible, after reparameterization.
 
@@ -80,7 +74,7 @@ def complexity(model: nn.Module, img_size: int) -> dict[str, dict[str, float]]:
     """
     probe = copy.deepcopy(model).eval()
     stats = {"params_m": count_params(probe) / 1e6, "gmacs": count_gmacs(probe, img_size)}
-    if _is_fused(probe):
+    if getattr(probe, "reparameterized", False):
         return {"after": stats}
     out = {"before": stats}
     if foldable(probe):
@@ -96,10 +90,6 @@ def _print_complexity(say: _Printer, info: dict[str, dict[str, float]]) -> None:
             say(f"{label}: {v['params_m']:.4g} M parameters, {v['gmacs']:.4g} GMACs")
     if "after" not in info:
         say("no reparameterized form (needs a RePa model with --feature_norm=BatchNorm)")
-
-
-def _data_desc(cfg: TrainConfig) -> str:
-    return cfg.rocksdb or cfg.data_path or f"--data_set {cfg.data_set}"
 
 
 def _open_resume(cfg: TrainConfig) -> tuple[TrainConfig, Checkpoint | None, Any]:
@@ -140,6 +130,9 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         _quiet_other_ranks(env)
         say = _Printer(env)
         cfg, run_dir = _claim_output(cfg, env)
+        if run_dir is not None and cfg.resume == "auto":  # --resume auto on a run that has finished
+            say(f"the run in {run_dir.path} is finished (see its summary.json): nothing to do")
+            return {"finished": str(run_dir.path)}
         cfg, ckpt, settings = _open_resume(cfg)
         check_model_name(cfg)
         if cfg.sync_bn and env.device.type != "cuda":
@@ -156,9 +149,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             "amp": trainer.precision.mode,
             "launcher": env.launcher,
         }
-        n_params = sum(p.numel() for p in trainer.unwrapped.parameters() if p.requires_grad)
         say(
-            f"{cfg.model}: {n_params / 1e6:.2f} M trainable parameters; {env.world_size} process(es) on "
+            f"{cfg.model}: {trainer.n_params / 1e6:.2f} M trainable parameters; {env.world_size} process(es) on "
             f"{env.device.type} ({env.launcher}); global batch {effective['global_batch_size']}, "
             f"lr {trainer.lrs['lr']:.3g} (min {trainer.lrs['min_lr']:.3g}, warmup {trainer.lrs['warmup_lr']:.3g})"
         )
@@ -190,7 +182,8 @@ def _claim_output(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, RunDir |
             run_dir = RunDir(cfg.output_dir)
             if run_dir.path.exists():  # a new folder is created (and locked) only once every check has passed
                 run_dir.lock()
-                decision = ("ok", run_dir.decide(cfg.resume, cfg.overwrite))
+                finished = cfg.resume == "auto" and run_dir.finished(cfg.epochs) and not cfg.overwrite
+                decision = ("ok", "auto" if finished else run_dir.decide(cfg.resume, cfg.overwrite))
                 run_dir.clean_stale()
             else:
                 decision = ("ok", "" if cfg.resume == "auto" else cfg.resume)
@@ -220,12 +213,12 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
         if ckpt is None:
             _logger.warning("--eval without --resume: evaluating randomly initialized weights")
         else:
-            check_classes(ckpt, settings, val_ds, _data_desc(cfg))
+            check_classes(ckpt, settings, val_ds, data_desc(cfg))
         # a fused checkpoint is evaluated as it is; --reparam folds a training-form one
         model = build_model(
             cfg, num_classes, checkpoint=ckpt, reparameterized=True if cfg.reparam else None, use_ema=cfg.eval_ema
         )
-        reparameterized = _is_fused(model)
+        reparameterized = bool(getattr(model, "reparameterized", False))
         model.to(env.device).eval()
         _, val_loader = build_loaders(cfg, env, None, val_ds, torch.Generator())
         info = complexity(model, cfg.input_size) if env.is_main else {}

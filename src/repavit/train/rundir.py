@@ -38,6 +38,7 @@ RUN_FILES = (
     "log.txt",
     "summary.json",
     "checkpoint.pth",
+    "checkpoint_stopped.pth",
     "best_checkpoint.pth",
     "checkpoint_reparam.pth",
 )
@@ -52,6 +53,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock_file: Any = None
+        self.pending_clear = False  # --overwrite: clear the old run once the new one has passed its checks
 
     # ---- the lock ---------------------------------------------------------------------------------
     @property
@@ -85,12 +87,12 @@ class RunDir:
             f.close()
         else:
             raise UserError(f"could not lock --output_dir {self.path}: its lock file keeps changing")
+        self._lock_file = f  # from here unlock() releases it, whatever fails next
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         f.seek(0)
         f.truncate()
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         f.write(f"host {socket.gethostname()}, PID {os.getpid()}, since {started}\n")
         f.flush()
-        self._lock_file = f
 
     def unlock(self) -> None:
         """Release the lock and remove the lock file (a process that opened it meanwhile notices, see lock)."""
@@ -115,10 +117,19 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in self.run_files() if (m := _EPOCH_CHECKPOINT.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def finished(self, epochs: int) -> bool:
+        """The run wrote its summary after at least ``epochs`` epochs: there is nothing left to do."""
+        try:
+            summary = json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(summary, dict) and isinstance(summary.get("epochs"), int) and summary["epochs"] >= epochs
+
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint a continued run starts from: ``checkpoint.pth`` if it reads, else the newest
-        ``checkpoint_{N}epoch.pth`` that reads (a damaged file is reported and skipped)."""
-        candidates = [self.path / "checkpoint.pth", *self.epoch_checkpoints()]
+        """The checkpoint a continued run starts from: ``checkpoint_stopped.pth`` (a stop inside an epoch), else
+        ``checkpoint.pth``, else the newest ``checkpoint_{N}epoch.pth`` that reads (a damaged file is reported and
+        skipped)."""
+        candidates = [self.path / "checkpoint_stopped.pth", self.path / "checkpoint.pth", *self.epoch_checkpoints()]
         for path in candidates:
             if not path.is_file():
                 continue
@@ -157,7 +168,14 @@ class RunDir:
             p.unlink()
 
     def decide(self, resume: str, overwrite: bool) -> str:
-        """The checkpoint to resume from (``""``: a fresh start), after refusing a folder that holds another run."""
+        """The checkpoint to resume from (``""``: a fresh start), after refusing a folder that holds another run.
+
+        ``--overwrite`` only marks the old run for deletion (:attr:`pending_clear`): it is deleted once the new
+        run has passed every check on its input.
+        """
+        inside = bool(resume) and resume != "auto" and Path(resume).resolve().parent == self.path.resolve()
+        if overwrite and (resume == "auto" or inside):
+            raise UserError("--overwrite replaces the run in --output_dir; it cannot be combined with resuming it")
         if resume == "auto":
             latest = self.latest_checkpoint()
             if latest is None and self.run_files():
@@ -169,16 +187,14 @@ class RunDir:
             return str(latest) if latest else ""
         if overwrite:
             if self.run_files():
-                _logger.warning("--overwrite: deleting the run in %s (%s)", self.path, self.describe())
-            self.clear()
+                _logger.warning("--overwrite: the run in %s (%s) will be deleted", self.path, self.describe())
+            self.pending_clear = True
             return resume
-        if self.run_files():
-            inside = bool(resume) and Path(resume).resolve().parent == self.path.resolve()
-            if not inside:
-                raise UserError(
-                    f"--output_dir {self.path} holds a run ({self.describe()}): continue it with --resume auto, "
-                    "replace it with --overwrite, or choose another --output_dir"
-                )
+        if self.run_files() and not inside:
+            raise UserError(
+                f"--output_dir {self.path} holds a run ({self.describe()}): continue it with --resume auto, "
+                "replace it with --overwrite, or choose another --output_dir"
+            )
         return resume
 
     # ---- the log ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data import dataset_classes
 from ..errors import UserError
-from ..models import Checkpoint, load_checkpoint, record_of, reparameterize_model, save_checkpoint
+from ..models import Checkpoint, foldable, load_checkpoint, record_of, reparameterize_model, save_checkpoint
 from ..models.checkpoint import write_json
 from .builders import (
     build_criterion,
@@ -41,8 +41,8 @@ from .builders import (
     build_optimizer,
     build_scheduler,
     check_classes,
+    data_desc,
     is_repa_model,
-    rest_of_epoch,
 )
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, barrier, gather_objects, state_fingerprint
@@ -56,7 +56,20 @@ __all__ = ["Trainer", "epoch_seed", "seed_everything"]
 _logger = logging.getLogger(__name__)
 
 # Settings baked into a saved schedule (a resumed run keeps the checkpoint's schedule).
-_SCHEDULE_KEYS = ("sched", "epochs", "lr", "min_lr", "warmup_lr", "warmup_epochs", "unscale_lr", "accumulation_steps")
+_SCHEDULE_KEYS = (
+    "sched",
+    "epochs",
+    "lr",
+    "min_lr",
+    "warmup_lr",
+    "warmup_epochs",
+    "unscale_lr",
+    "accumulation_steps",
+    "batch_size",
+)
+# A checkpoint saved inside an epoch resumes only if the epoch's order and batching are the same.
+_POSITION_KEYS = ("batch_size", "accumulation_steps", "seed", "repeated_aug", "ra_repeats")
+STOPPED_NAME = "checkpoint_stopped.pth"  # a run stopped inside an epoch (checkpoint.pth keeps the epoch's start)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,17 +106,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _is_fused(model: nn.Module) -> bool:
-    return bool(getattr(model, "reparameterized", False))
-
-
-def foldable(model: nn.Module) -> bool:
-    """True for a training-form RePa model whose FFNs can be folded (BatchNorm FFNs)."""
-    if _is_fused(model) or getattr(model, "feature_norm", "BatchNorm") != "BatchNorm":
-        return False
-    return any(callable(getattr(m, "fuse", None)) for m in model.modules())
-
-
 class Trainer:
     """A training run (see the module docstring).
 
@@ -132,7 +134,7 @@ class Trainer:
 
         self.train_ds, self.val_ds, num_classes = build_datasets(cfg, need_train=True)
         if ckpt is not None:
-            check_classes(ckpt, settings, self.val_ds, cfg.rocksdb or cfg.data_path or f"--data_set {cfg.data_set}")
+            check_classes(ckpt, settings, self.val_ds, data_desc(cfg))
         model = build_model(cfg, num_classes, checkpoint=ckpt)
         model.train()
         if not foldable(model) and is_repa_model(cfg.model):
@@ -164,7 +166,9 @@ class Trainer:
         self.position: dict[str, Any] | None = None
         if ckpt is not None:
             self._restore(ckpt.raw)
-        if self.start_epoch >= cfg.epochs:
+        # every epoch done but the run not finished (stopped or killed in its final steps): finish it
+        self.finish_only = self.start_epoch >= cfg.epochs and self._unfinished_here()
+        if self.start_epoch >= cfg.epochs and not self.finish_only:
             raise UserError(f"nothing to train: the run is at epoch {self.start_epoch} and --epochs is {cfg.epochs}")
         self.scheduler.step_update(
             self.start_epoch * self.updates_per_epoch + self.start_step // cfg.accumulation_steps
@@ -173,23 +177,41 @@ class Trainer:
         if cfg.sync_bn and env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.unwrapped = model
+        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
 
     # ---- resuming ---------------------------------------------------------------------------------
+    def _unfinished_here(self) -> bool:
+        """A checkpoint of this output folder whose run wrote no summary yet."""
+        if self.run_dir is None or self.resumed_from is None:
+            return False
+        here = Path(self.resumed_from).resolve().parent == self.run_dir.path.resolve()
+        return here and not (self.run_dir.path / "summary.json").exists()
+
     def _restore(self, raw: dict[str, Any]) -> None:
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         if not all(k in raw for k in ("optimizer", "lr_scheduler", "epoch")):
             self.say(
                 f"loaded weights from {self.resumed_from} (no training state: starting at epoch {cfg.start_epoch})"
             )
             self.resumed_from = None
             return
-        self.optimizer.load_state_dict(raw["optimizer"])
-        self.scheduler.load_state_dict(raw["lr_scheduler"])
         old = raw.get("config") if isinstance(raw.get("config"), dict) else {}
+        if "opt" in old and old["opt"] != cfg.opt:
+            raise UserError(
+                f"{self.resumed_from} was trained with --opt {old['opt']}, --opt {cfg.opt} was given: the optimizer "
+                "state cannot move between optimizers (resume with the same --opt)"
+            )
+        try:
+            self.optimizer.load_state_dict(raw["optimizer"])
+            self.scheduler.load_state_dict(raw["lr_scheduler"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"{self.resumed_from}: its optimizer or schedule state does not fit this run ({e})"
+            ) from None
         changed = [k for k in _SCHEDULE_KEYS if k in old and old[k] != getattr(cfg, k)]
         if changed:
             _logger.warning(
@@ -204,26 +226,34 @@ class Trainer:
         self.start_epoch = int(raw["epoch"]) + 1
         self.max_accuracy = float(raw.get("max_accuracy", -1.0))
         self.history = [dict(r) for r in raw.get("log_rows") or []]
-        position = raw.get("position")
-        if isinstance(position, dict):
-            ranks = position["ranks"]
-            if len(ranks) != env.world_size:
-                raise UserError(
-                    f"{self.resumed_from} was saved in the middle of an epoch by {len(ranks)} process(es); resume it "
-                    f"with {len(ranks)} (this run has {env.world_size}), or from its last epoch checkpoint"
-                )
-            self.start_epoch, self.start_step = int(position["epoch"]), int(position["step"])
-            self.position = ranks[env.rank]
-            if self.ema is not None and "ema_buffers" in self.position:
-                with torch.no_grad():
-                    for name, buf in self.ema.module.named_buffers():
-                        buf.copy_(self.position["ema_buffers"][name])
-        if self.start_epoch >= cfg.epochs:
-            raise UserError(
-                f"nothing to train: {self.resumed_from} is at epoch {self.start_epoch} and --epochs is {cfg.epochs}"
-            )
+        if isinstance(raw.get("position"), dict):
+            self._restore_position(raw["position"])
         where = f"epoch {self.start_epoch + 1}" + (f", step {self.start_step + 1}" if self.start_step else "")
-        self.say(f"resumed from {self.resumed_from}: continuing with {where}")
+        if self.start_epoch < cfg.epochs:
+            self.say(f"resumed from {self.resumed_from}: continuing with {where}")
+
+    def _restore_position(self, position: dict[str, Any]) -> None:
+        """A checkpoint from inside an epoch: refuse what would change the epoch's order or batching."""
+        env, cfg = self.env, self.cfg
+        ranks = position["ranks"]
+        saved = dict(position.get("run", {}))
+        now = {**{k: getattr(cfg, k) for k in _POSITION_KEYS}, "world_size": env.world_size}
+        now["train_images"] = len(self.train_ds)
+        differ = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+        if len(ranks) != env.world_size and "world_size" not in saved:
+            differ.append(f"world_size {len(ranks)} -> {env.world_size}")
+        if differ:
+            raise UserError(
+                f"{self.resumed_from} was saved in the middle of an epoch, which resumes only with the same "
+                f"batches ({', '.join(differ)}); resume with the same settings, or from checkpoint.pth (the start "
+                "of that epoch)"
+            )
+        self.start_epoch, self.start_step = int(position["epoch"]), int(position["step"])
+        self.position = ranks[env.rank]
+        if self.ema is not None and "ema_buffers" in self.position:
+            with torch.no_grad():
+                for name, buf in self.ema.module.named_buffers():
+                    buf.copy_(self.position["ema_buffers"][name])
 
     # ---- writing ----------------------------------------------------------------------------------
     def _state(self, epoch: int, metrics: dict[str, Any] | None, position: dict[str, Any] | None) -> dict[str, Any]:
@@ -253,15 +283,26 @@ class Trainer:
         return metrics
 
     def _start_writing(self) -> None:
-        """Lock a folder created now, then write config.yaml and, in log.txt, the lines a kill lost and a
-        "resumed" line (main process; every process learns whether it worked)."""
+        """Lock a folder created now (or clear a replaced run), then write config.yaml and, in log.txt, the
+        lines a kill lost and a "resumed" line (main process; every process learns whether it worked)."""
+
+        def write() -> None:
+            assert self.run_dir is not None
+            if not self.run_dir.locked:
+                self.run_dir.lock()
+                self.run_dir.decide(self.cfg.resume, overwrite=False)  # another run may have started meanwhile
+            if self.run_dir.pending_clear:  # --overwrite: only now that every input check has passed
+                self.run_dir.clear()
+            self._write_start_files()
+
+        self._main_writes(write)
+
+    def _main_writes(self, write: Any) -> None:
+        """Run ``write()`` on the main process; an error there is raised on every process (none waits forever)."""
         error = None
         if self.run_dir is not None and self.env.is_main:
             try:
-                if not self.run_dir.locked:
-                    self.run_dir.lock()
-                    self.run_dir.decide(self.cfg.resume, overwrite=False)  # another run may have started meanwhile
-                self._write_start_files()
+                write()
             except (UserError, OSError) as e:
                 error = e
         error = gather_objects(error, self.env)[0] if self.env.distributed else error
@@ -290,10 +331,10 @@ class Trainer:
         s = epoch_seed(self.cfg.seed, epoch, self.env.rank)
         seed_everything(s)
         self.loader_gen.manual_seed(s)
-        if hasattr(self.train_loader.sampler, "set_epoch"):
-            self.train_loader.sampler.set_epoch(epoch)
-        self.train_ds.set_epoch(epoch)
-        loader = iter(rest_of_epoch(self.train_loader, skip))
+        self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.sampler.skip = skip * self.cfg.batch_size  # the positions already trained on
+        self.train_loader.dataset.set_epoch(epoch)
+        loader = iter(self.train_loader)
         if skip and self.position is not None:
             _set_rng_state(self.position["rng"], self.env.device)  # the states at the step it stopped after
         return loader
@@ -302,71 +343,96 @@ class Trainer:
         cfg, env, say = self.cfg, self.env, self.say
         self._start_writing()
         barrier(env)
-        say(f"Start training for {cfg.epochs} epochs")
         t_start = time.perf_counter()
-        test_stats: dict[str, float] = {}
-        ema_stats: dict[str, float] | None = None
         sharded = env.distributed and cfg.dist_eval
-        n_params = sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)
+        # the handlers stay until the summary is written: a signal in the final steps waits for them
         with StopRequest(env) as stop:
-            for epoch in range(self.start_epoch, cfg.epochs):
-                skip = self.start_step if epoch == self.start_epoch else 0
-                carry = tuple(self.position["carry"]) if skip and self.position else (0.0, 0)
-                train_stats = train_one_epoch(
-                    self.model,
-                    self.criterion,
-                    self._epoch_loader(epoch, skip),
-                    self.optimizer,
-                    self.scheduler,
-                    self.precision,
-                    env,
-                    epoch,
-                    self.updates_per_epoch,
-                    accumulation_steps=cfg.accumulation_steps,
-                    clip_grad=cfg.clip_grad,
-                    model_ema=self.ema,
-                    mixup_fn=self.mixup_fn,
-                    desc=f"Epoch [{epoch + 1}/{cfg.epochs}]",
-                    log_freq=cfg.log_freq,
-                    start_step=skip,
-                    carry=carry,  # type: ignore[arg-type]
-                    should_stop=stop.requested,
-                )
-                if train_stats["stopped_at"] is not None:
-                    return self._stop_mid_epoch(stop, epoch, train_stats)
-                test_stats, ema_stats = self._end_epoch(epoch, train_stats, sharded, n_params, tracker)
-                if epoch + 1 < cfg.epochs and stop.requested():
-                    return self._stopped(stop, f"after epoch {epoch + 1}", "checkpoint.pth")
-
-        fingerprints = gather_objects(state_fingerprint(self.unwrapped), env)
-        identical = len(set(fingerprints)) == 1
-        if not identical:
-            _logger.warning("weights differ across processes: %s", fingerprints)
-        summary: dict[str, Any] = {
-            "model": cfg.model,
-            "epochs": cfg.epochs,
-            "final": test_stats,
-            "final_ema": ema_stats,
-            "max_accuracy": self.max_accuracy,
-            "train_time_s": time.perf_counter() - t_start,
-            "effective": effective,
-            "complexity": info,
-            "rank_fingerprints": fingerprints,
-            "weights_identical_across_ranks": identical,
-            "wandb_project": tracker.project if tracker else None,
-        }
-        if cfg.reparam:
-            self._final_reparam(summary, test_stats, sharded)
-        if self.run_dir is not None and env.is_main:
-            write_json(self.run_dir.path / "summary.json", summary)
+            if self.finish_only:
+                steps = "evaluation, reparameterization, summary" if cfg.reparam else "evaluation, summary"
+                say(f"every epoch of the run is done; finishing it ({steps})")
+                test_stats, ema_stats = self._evaluate(sharded)
+            else:
+                say(f"Start training for {cfg.epochs} epochs")
+                stopped, test_stats, ema_stats = self._train(stop, sharded, tracker)
+                if stopped is not None:
+                    if tracker is not None:
+                        tracker.finish()
+                    return stopped
+            summary = self._summary(test_stats, ema_stats, effective, info, tracker, time.perf_counter() - t_start)
+            if cfg.reparam:
+                self._final_reparam(summary, test_stats, sharded)
+            self._main_writes(lambda: write_json(self.run_dir.path / "summary.json", summary))
         if tracker is not None:
             tracker.finish()
         total = time.perf_counter() - t_start
         say(f"Training time {int(total // 3600)}:{int(total % 3600 // 60):02d}:{int(total % 60):02d}")
         return summary
 
+    def _train(self, stop: StopRequest, sharded: bool, tracker: WandbRun | None) -> tuple[Any, Any, Any]:
+        """The epochs; returns ``(stop result or None, last test stats, last EMA stats)``."""
+        cfg = self.cfg
+        test_stats: dict[str, float] = {}
+        ema_stats: dict[str, float] | None = None
+        for epoch in range(self.start_epoch, cfg.epochs):
+            skip = self.start_step if epoch == self.start_epoch else 0
+            carry = tuple(self.position["carry"]) if skip and self.position else (0.0, 0)
+            train_stats = train_one_epoch(
+                self.model,
+                self.criterion,
+                self._epoch_loader(epoch, skip),
+                self.optimizer,
+                self.scheduler,
+                self.precision,
+                self.env,
+                epoch,
+                self.updates_per_epoch,
+                accumulation_steps=cfg.accumulation_steps,
+                clip_grad=cfg.clip_grad,
+                model_ema=self.ema,
+                mixup_fn=self.mixup_fn,
+                desc=f"Epoch [{epoch + 1}/{cfg.epochs}]",
+                log_freq=cfg.log_freq,
+                start_step=skip,
+                carry=carry,  # type: ignore[arg-type]
+                stop=stop,
+            )
+            if train_stats["stopped_at"] is not None:
+                return self._stop_mid_epoch(stop, epoch, train_stats), test_stats, ema_stats
+            test_stats, ema_stats = self._end_epoch(epoch, train_stats, sharded, tracker)
+            if epoch + 1 < cfg.epochs and stop.requested():
+                return self._stopped(stop, f"after epoch {epoch + 1}", "checkpoint.pth"), test_stats, ema_stats
+        return None, test_stats, ema_stats
+
+    def _summary(
+        self, test_stats: Any, ema_stats: Any, effective: dict, info: dict, tracker: WandbRun | None, seconds: float
+    ) -> dict[str, Any]:
+        fingerprints = gather_objects(state_fingerprint(self.unwrapped), self.env)
+        identical = len(set(fingerprints)) == 1
+        if not identical:
+            _logger.warning("weights differ across processes: %s", fingerprints)
+        return {
+            "model": self.cfg.model,
+            "epochs": self.cfg.epochs,
+            "final": test_stats,
+            "final_ema": ema_stats,
+            "max_accuracy": self.max_accuracy,
+            "train_time_s": seconds,
+            "effective": effective,
+            "complexity": info,
+            "rank_fingerprints": fingerprints,
+            "weights_identical_across_ranks": identical,
+            "wandb_project": tracker.project if tracker else None,
+        }
+
+    def _evaluate(self, sharded: bool) -> tuple[dict[str, float], dict[str, float] | None]:
+        test_stats = evaluate(self.unwrapped, self.val_loader, self.env, sharded=sharded, log_freq=self.cfg.log_freq)
+        ema_stats = None
+        if self.ema is not None:
+            ema_stats = evaluate(self.ema.module, self.val_loader, self.env, sharded=sharded, desc="Test (EMA)")
+        return test_stats, ema_stats
+
     def _end_epoch(
-        self, epoch: int, train_stats: dict[str, Any], sharded: bool, n_params: int, tracker: WandbRun | None
+        self, epoch: int, train_stats: dict[str, Any], sharded: bool, tracker: WandbRun | None
     ) -> tuple[dict[str, float], dict[str, float] | None]:
         cfg, env = self.cfg, self.env
         if env.distributed:
@@ -375,10 +441,7 @@ class Trainer:
             distribute_bn(self.unwrapped, env.world_size, reduce=True)
             if self.ema is not None and (env.backend != "nccl" or not cfg.model_ema_force_cpu):
                 distribute_bn(self.ema.module, env.world_size, reduce=True)
-        test_stats = evaluate(self.unwrapped, self.val_loader, env, sharded=sharded, log_freq=cfg.log_freq)
-        ema_stats = None
-        if self.ema is not None:
-            ema_stats = evaluate(self.ema.module, self.val_loader, env, sharded=sharded, desc="Test (EMA)")
+        test_stats, ema_stats = self._evaluate(sharded)
         bad = self._pop_bad_images()
         if bad["train_bad_images"] or bad["test_bad_images"]:
             self.say(
@@ -399,17 +462,22 @@ class Trainer:
             **({f"ema_test_{k}": v for k, v in ema_stats.items()} if ema_stats else {}),
             **bad,
             "epoch": epoch,
-            "n_parameters": n_params,
+            "n_parameters": self.n_params,
         }
         self.history.append(row)
-        if self.run_dir is not None and env.is_main:
+
+        def write() -> None:
+            assert self.run_dir is not None
             state = self._state(epoch, self._metrics(epoch, test_stats, ema_stats), None)
             self._save("checkpoint.pth", state)
             if (epoch + 1) % cfg.save_freq == 0:
                 self._save(f"checkpoint_{epoch + 1}epoch.pth", state)
             if improved:
                 self._save("best_checkpoint.pth", state)
+            (self.run_dir.path / STOPPED_NAME).unlink(missing_ok=True)  # passed: the epoch checkpoint is newer
             self.run_dir.append_log(row)  # after the checkpoint: a kill in between loses no line (restore_log)
+
+        self._main_writes(write)
         if tracker is not None:
             tracker.log(
                 {
@@ -439,23 +507,23 @@ class Trainer:
             # each process's EMA averages its own BatchNorm statistics until the epoch's distribute_bn
             mine["ema_buffers"] = {k: v.detach().cpu().clone() for k, v in self.ema.module.named_buffers()}
         ranks = gather_objects(mine, self.env)
-        if self.run_dir is not None and self.env.is_main:
-            position = {"epoch": epoch, "step": step, "ranks": ranks}
-            # the weights are between two evaluations: no accuracy belongs to them
-            self._save("checkpoint.pth", self._state(epoch - 1, None, position))
-        barrier(self.env)
+        run = {**{k: getattr(self.cfg, k) for k in _POSITION_KEYS}, "world_size": self.env.world_size}
+        position = {"epoch": epoch, "step": step, "ranks": ranks, "run": {**run, "train_images": len(self.train_ds)}}
+        # its own file: checkpoint.pth keeps the start of the epoch, for a resume with other settings;
+        # the weights are between two evaluations, so no accuracy belongs to them
+        self._main_writes(lambda: self._save(STOPPED_NAME, self._state(epoch - 1, None, position)))
         steps = self.updates_per_epoch * self.cfg.accumulation_steps
-        return self._stopped(stop, f"at epoch {epoch + 1}, step {step}/{steps}", "checkpoint.pth")
+        return self._stopped(stop, f"at epoch {epoch + 1}, step {step}/{steps}", STOPPED_NAME)
 
     def _stopped(self, stop: StopRequest, where: str, name: str) -> dict[str, Any]:
         if self.run_dir is not None:
             hint = "continue with --resume auto"
-            saved = self.run_dir.path / name
+            saved: str | None = str(self.run_dir.path / name)
         else:
             hint, saved = "nothing was saved (no --output_dir)", None
         self.say(f"stopped by {stop.name} {where}; {hint}")
         signum = stop.signum or signal.SIGTERM
-        return {"stopped": {"signal": stop.name, "signum": int(signum), "where": where, "checkpoint": str(saved)}}
+        return {"stopped": {"signal": stop.name, "signum": int(signum), "where": where, "checkpoint": saved}}
 
     def _final_reparam(self, summary: dict[str, Any], test_stats: dict[str, Any], sharded: bool) -> None:
         fused = reparameterize_model(self.unwrapped)
@@ -468,9 +536,5 @@ class Trainer:
         if self.run_dir is not None and self.env.is_main:
             fused_record = record_of(fused, self.cfg.model, self.record.model_args, self.record.class_names)
             metrics = {**self._metrics(self.cfg.epochs - 1, rep_stats, None), "form": "reparameterized"}
-            save_checkpoint(
-                Path(self.run_dir.path) / "checkpoint_reparam.pth",
-                fused.state_dict(),
-                fused_record,
-                {"metrics": metrics},
-            )
+            path = self.run_dir.path / "checkpoint_reparam.pth"
+            save_checkpoint(path, fused.state_dict(), fused_record, {"metrics": metrics})
