@@ -241,16 +241,17 @@ def main(argv: list[str] | None = None) -> int:
 
     epochs = 3 if args.quick else args.epochs
     run_dir = out / "run"
-    cfg = TrainConfig(**RECIPE, epochs=epochs, seed=args.seed, data_path=str(data), output_dir=str(run_dir))
+    # the demo's own folder: each `make demo` replaces the previous demo's run
+    cfg = TrainConfig(
+        **RECIPE, epochs=epochs, seed=args.seed, data_path=str(data), output_dir=str(run_dir), overwrite=True
+    )
     cfg.save_freq = epochs + 1  # keep checkpoint.pth and best_checkpoint.pth only
-    for stale in ("log.txt",):  # a previous demo's log would be appended to
-        (run_dir / stale).unlink(missing_ok=True)
     t_train = time.perf_counter()
     summary = fit(cfg)
     train_s = time.perf_counter() - t_train
     ckpt = run_dir / "checkpoint.pth"
 
-    ev = dataclasses.replace(cfg, eval=True, resume=str(ckpt))
+    ev = dataclasses.replace(cfg, eval=True, resume=str(ckpt), overwrite=False)
     plain = evaluate_checkpoint(ev)
     fused = evaluate_checkpoint(dataclasses.replace(ev, reparam=True))
     ema = evaluate_checkpoint(dataclasses.replace(ev, eval_ema=True))
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = speed_test(speed_cfg)
 
     history = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+    history = [row for row in history if "event" not in row]
     report: dict[str, Any] = {
         "dataset": {
             "name": "scikit-learn digits (load_digits), 8x8 scans upscaled to 32x32 RGB PNG",

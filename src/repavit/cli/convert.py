@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     reread = safetensors.torch.load_file(weights)
     own = loaded.model.state_dict()
     if reread.keys() != own.keys() or any(not reread[k].equal(own[k].cpu()) for k in own):
-        raise VerificationError(f"{weights} does not read back equal to the loaded model")
+        weights.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+        raise VerificationError(f"{weights} did not read back equal to the loaded model; nothing was kept")
     form = "reparameterized" if loaded.reparameterized else "training form"
     print(f"{loaded.record.describe()} ({form}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f}M params)")
     print(f"model args: {loaded.model_args}")

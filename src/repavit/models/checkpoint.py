@@ -330,9 +330,7 @@ def _record_from_namespace(ns: argparse.Namespace) -> ModelRecord | None:
         return None
     if any(get(k) is None for k in ("channel_idle", "idle_ratio", "feature_norm")):
         return None
-    args: dict[str, Any] = {}
-    if get("channel_idle") is not None:
-        args["channel_idle"] = bool(get("channel_idle"))
+    args: dict[str, Any] = {"channel_idle": bool(get("channel_idle"))}
     for key in ("idle_ratio", "feature_norm", "heuristic"):
         if get(key) is not None:
             args[key] = get(key)

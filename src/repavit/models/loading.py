@@ -43,6 +43,7 @@ from .record import (
     CheckpointMismatchError,
     ModelRecord,
     Spelling,
+    _plain,
     _square,
     describe_settings,
     python_spelling,
@@ -210,11 +211,6 @@ def _ffn_defaults(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     with torch.device("meta"):
         model = timm.create_model(name, **{k: v for k, v in args.items() if k not in FFN_ARGS})
     return {k: getattr(model, k) for k in FFN_ARGS}
-
-
-def _plain(value: Any) -> str:
-    value = _square(value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _supports_linear(name: str) -> bool:
