@@ -173,10 +173,20 @@ def test_speed_test_prints_three_speeds_and_the_ratio(capsys):
     assert "before reparameterization:" in out and "after reparameterization:" in out
 
 
+def test_without_ffn_flags_a_run_trains_the_foldable_form_and_says_so(tmp_path, capsys):
+    cfg = f"--model RePaViT_Tiny --model_kwargs depth=1 embed_dim=32 num_heads=2 patch_size=8 --input_size 32 {SYNTH}"
+    assert cli(f"train {cfg} --epochs 1 --num_workers 0 --output_dir {tmp_path / 'a'}") == 0
+    out = capsys.readouterr().out
+    assert "idle_ratio=0.75, BatchNorm FFN" in out and "its FFNs fold after training" in out
+    assert "after reparameterization" in out
+
+
 def test_layernorm_model_trains_but_has_no_reparam_form(tmp_path, capsys):
     cfg = f"--model RePaViT_Tiny --model_kwargs depth=1 embed_dim=32 num_heads=2 patch_size=8 --input_size 32 {SYNTH}"
+    cfg += " --feature_norm LayerNorm"
     assert cli(f"train {cfg} --epochs 1 --num_workers 0 --output_dir {tmp_path}") == 0
-    assert "no reparameterized form" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no reparameterized form" in out and "no fold: its FFNs use LayerNorm" in out
     assert cli(f"speed {cfg} --speed_batch_size 4 --speed_iters 1") == 0
 
 

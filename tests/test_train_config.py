@@ -69,7 +69,10 @@ def test_authors_defaults_and_switches():
     assert (cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.reprob, cfg.color_jitter) == (0.8, 1.0, 0.1, 0.25, 0.3)
     assert cfg.aa == "rand-m9-mstd0.5-inc1" and cfg.sched == "cosine" and cfg.eval_crop_ratio == 0.875
     assert cfg.model_ema and cfg.model_ema_decay == 0.99996 and cfg.repeated_aug
-    assert not cfg.channel_idle and cfg.feature_norm == "LayerNorm" and cfg.clip_grad is None
+    # one departure: the paper's FFN form by default (the authors' main.py defaults to a plain LayerNorm ViT)
+    assert cfg.channel_idle and cfg.feature_norm == "BatchNorm" and cfg.clip_grad is None
+    plain = seed_config(["--no_channel_idle", "--feature_norm", "LayerNorm"])
+    assert not plain.channel_idle and plain.feature_norm == "LayerNorm"
     cfg = seed_config(["--no_model_ema", "--no_repeated_aug", "--ThreeAugment", "--bce_loss", "--only_test_speed"])
     assert not cfg.model_ema and not cfg.repeated_aug and cfg.ThreeAugment and cfg.bce_loss and cfg.test_speed
     # dashed aliases of the underscore flags

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     model, reference = loaded.model, None
     if args.reparameterize and not loaded.reparameterized:
         reference, model = model, reparameterize_model(model)
-    record = record_of(model, loaded.model_name, loaded.model_args, loaded.class_names)
+    record = record_of(model, loaded.model_name, loaded.model_args, loaded.class_names, loaded.record.overrides)
     numbers = measure_model(model, reference)
     out = save_hub_folder(
         model,

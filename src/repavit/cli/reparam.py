@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             raise VerificationError(
                 f"reparameterized outputs differ by {rel:.3g} relative > {args.rtol:g}; not written"
             )
-    record = record_of(fused, loaded.model_name, loaded.model_args, loaded.class_names)
+    record = record_of(fused, loaded.model_name, loaded.model_args, loaded.class_names, loaded.record.overrides)
     weights, config = save_checkpoint(args.output, fused.state_dict(), record, provenance(args, loaded))
     print(f"wrote {weights} ({mb(weights.stat().st_size)} on disk) and {config}")
     return 0

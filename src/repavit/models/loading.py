@@ -126,6 +126,7 @@ class Settings:
     released: ReleasedWeights | None = None
     release_like: ReleasedWeights | None = None
     assumed: list[str] = field(default_factory=list)
+    overrides: list[str] | None = None
 
 
 def resolve_settings(
@@ -194,6 +195,7 @@ def _from_record(ckpt: Checkpoint, model_name: str | None, given: dict[str, Any]
         if entry is not None and all(same_setting(args.get(k), v) for k, v in entry.model_args.items()):
             setattr(settings, key, entry)
     overrides = None if record.overrides is None else [*record.overrides, *given]
+    settings.overrides = overrides
     taken = [k for k in record.model_args if k not in given]
     if taken or not model_name:
         settings.notes.append(f"model from checkpoint: {describe_settings(record.model_name, args, False, overrides)}")
@@ -263,6 +265,7 @@ def _from_shapes(
             _idle_for_training_form(name, args, given, settings, where, spell)
     if read:
         settings.notes.append(f"{where} records no model settings; from its tensor shapes: {', '.join(read)}")
+    settings.overrides = list(args)  # nothing recorded: every setting is as given or read
     return settings
 
 
@@ -518,7 +521,7 @@ def load_model(
         if why:
             raise UserError(f"{ckpt.name} cannot be reparameterized: {why}")
         reparameterize_model(model, inplace=True)
-    record = record_of(model, settings.model_name, class_names=settings.class_names)
+    record = record_of(model, settings.model_name, class_names=settings.class_names, overrides=settings.overrides)
     metrics = ckpt.metrics
     if use_ema and metrics:
         metrics = {"acc1": metrics.get("ema_acc1"), **{k: v for k, v in metrics.items() if k in ("epoch", "images")}}

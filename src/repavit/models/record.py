@@ -321,14 +321,19 @@ def record_of(
     model_name: str | None = None,
     model_args: Mapping[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
+    overrides: Sequence[str] | None = None,
 ) -> ModelRecord:
-    """The record of a live model (its form is read off the model)."""
+    """The record of a live model (its form is read off the model).
+
+    ``overrides`` names the arguments given on top of the model name's defaults (for descriptions);
+    by default the keywords the model was built with.
+    """
     name = model_name or model_name_of(model)
     if not name:
         raise UserError("the model has no pretrained_cfg naming its architecture; pass model_name")
     args = dict(model_args_of(model))
     args.update(model_args or {})
-    given = getattr(model, "_model_args", None)
+    given = overrides if overrides is not None else getattr(model, "_model_args", None)
     return ModelRecord(
         model_name=name,
         model_args=args,

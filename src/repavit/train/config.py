@@ -2,7 +2,10 @@
 
 Precedence: dataclass defaults < ``--config`` YAML file < flags given on the command line. The YAML
 keys are the flag names without the leading dashes (``batch_size: 512``, ``ThreeAugment: true``).
-Defaults are the authors' ``main.py`` defaults (DeiT recipe), except where a field's help says why not.
+Defaults are the authors' ``main.py`` defaults (DeiT recipe), except where a field's help says why not:
+``channel_idle`` and ``feature_norm`` default to the paper's form (channel-idle, BatchNorm), so that a run
+without FFN flags trains a model that folds (the authors' script defaults to a plain LayerNorm ViT; the
+seed README's commands pass both flags and mean the same either way).
 """
 
 from __future__ import annotations
@@ -59,11 +62,17 @@ class TrainConfig:
     drop: float = _f(0.0, "dropout rate", "model")
     drop_path: float = _f(0.1, "stochastic depth rate (rises linearly over the blocks)", "model")
     channel_idle: bool = _f(
-        False, "enable the channel-idle FFN (the authors' flag; off by default)", "model", negatable=True
+        True,
+        "channel-idle FFNs, the paper's form (on by default here; the authors' main.py has it off)",
+        "model",
+        negatable=True,
     )
     idle_ratio: float = _f(0.75, "share of FFN hidden channels that skip the activation", "model")
     feature_norm: str = _f(
-        "LayerNorm", "FFN normalization; BatchNorm is needed for reparameterization", "model", choices=FEATURE_NORMS
+        "BatchNorm",
+        "FFN normalization; BatchNorm (the paper's, the default here) folds after training, LayerNorm does not",
+        "model",
+        choices=FEATURE_NORMS,
     )
     heuristic: str = _f("static", "per-block idle ratios: static or linear", "model", choices=HEURISTICS)
     reparam: bool = _f(False, "reparameterize the model for --eval / --test_speed (and after training)", "model")

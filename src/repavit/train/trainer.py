@@ -30,7 +30,14 @@ from torch import nn
 
 from ..data import dataset_classes
 from ..errors import UserError
-from ..models import Checkpoint, foldable, load_checkpoint, record_of, reparameterize_model, save_checkpoint
+from ..models import (
+    Checkpoint,
+    fold_refusal,
+    load_checkpoint,
+    record_of,
+    reparameterize_model,
+    save_checkpoint,
+)
 from ..models.checkpoint import write_json
 from .builders import (
     build_criterion,
@@ -137,9 +144,22 @@ class Trainer:
             check_classes(ckpt, settings, self.val_ds, data_desc(cfg))
         model = build_model(cfg, num_classes, checkpoint=ckpt)
         model.train()
-        if not foldable(model) and is_repa_model(cfg.model):
-            _logger.info("feature_norm=%s: this model cannot be reparameterized after training", cfg.feature_norm)
-        self.record = record_of(model, cfg.model, class_names=[str(c) for c in dataset_classes(self.train_ds)])
+        if settings is not None and settings.overrides is not None:
+            overrides = settings.overrides  # a resumed run: what its checkpoint's model was given
+        else:  # what this command line gave on top of the model name's defaults
+            overrides = [*cfg.model_kwargs, *(["img_size"] if cfg.input_size != 224 else [])]
+        classes = [str(c) for c in dataset_classes(self.train_ds)]
+        self.record = record_of(model, cfg.model, class_names=classes, overrides=overrides)
+        if is_repa_model(cfg.model):
+            why = fold_refusal(model)
+            say(
+                f"model: {self.record.describe()}; "
+                + (
+                    "its FFNs fold after training (--reparam, or `repavit reparam`)"
+                    if why is None
+                    else f"no fold: {why}"
+                )
+            )
         model.to(env.device)
 
         self.lrs = cfg.scaled_lrs(env.world_size)
@@ -534,7 +554,9 @@ class Trainer:
             f"({'identical to' if rep_stats['acc1'] == test_stats['acc1'] else 'differs from'} the training form)"
         )
         if self.run_dir is not None and self.env.is_main:
-            fused_record = record_of(fused, self.cfg.model, self.record.model_args, self.record.class_names)
+            fused_record = record_of(
+                fused, self.cfg.model, self.record.model_args, self.record.class_names, self.record.overrides
+            )
             metrics = {**self._metrics(self.cfg.epochs - 1, rep_stats, None), "form": "reparameterized"}
             path = self.run_dir.path / "checkpoint_reparam.pth"
             save_checkpoint(path, fused.state_dict(), fused_record, {"metrics": metrics})
