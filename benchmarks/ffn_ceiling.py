@@ -34,9 +34,9 @@ import torch
 import repavit
 from repavit.bench.reference import with_three_linear_ffn
 from repavit.bench.suite import latency_breakdown
-from repavit.bench.throughput import interleaved_throughput, machine_info, summarize
 from repavit.layers.idle_mlp import FusedIdleMlp
-from repavit.models.checkpoint import write_json
+from repavit.measure import interleaved_throughput, machine_info, summarize
+from repavit.utils import write_json
 
 HERE = Path(__file__).resolve().parent
 

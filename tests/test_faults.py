@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repavit.models.checkpoint import atomic_write
+from repavit.utils import atomic_write
 from repavit.train.rundir import RunDir
 
 ARGS = (
@@ -180,7 +180,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_old_file_and_the_next_start_cl
     torch.save({"v": 1}, target)
     script = (
         "import sys, time, torch\n"
-        "from repavit.models.checkpoint import atomic_write\n"
+        "from repavit.utils import atomic_write\n"
         "def slow(tmp):\n"
         "    open(tmp, 'wb').write(b'half a checkpoint')\n"
         "    print('writing', flush=True); time.sleep(60)\n"

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .utils import write_json
+
 __all__ = ["main", "write_digits"]
 
 _logger = logging.getLogger(__name__)
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from .bench.throughput import machine_info
+    from .measure import machine_info
     from .train import TrainConfig, evaluate_checkpoint, fit, speed_test
 
     out = Path(args.output_dir)
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = _plot(report, out)
     report["plots"] = [p.name for p in plots]
     report["total_time_s"] = time.perf_counter() - t0
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
 
     acc = report["accuracy"]
     print()

@@ -42,20 +42,26 @@ from torch import Tensor, nn
 from ..errors import MissingExtraError, UserError
 from ..layers.attention import PreNormAttention
 from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
-from ..models import reparameterize_model
-from ..models.checkpoint import write_json
-from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
-from .throughput import (
+from ..measure import (
     count_gmacs,
     count_params,
     interleaved_throughput,
     machine_info,
     peak_memory_mb,
     summarize,
-    vanilla_counterpart,
 )
+from ..models import reparameterize_model
+from ..utils import write_json
+from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
 
 _logger = logging.getLogger(__name__)
+
+
+def vanilla_counterpart(model: nn.Module) -> nn.Module | None:
+    """The plain timm model of the same size (``model.vanilla_counterpart()``), or None if it has none."""
+    fn = getattr(model, "vanilla_counterpart", None)
+    return fn() if callable(fn) else None
+
 
 INFERENCE_FORMS = (
     "vanilla",
@@ -76,27 +82,18 @@ TRAIN_FORMS = ("vanilla", "train", "masked")
 
 # ---- building the forms ----------------------------------------------------------------------
 def _onnxruntime_runner(model: nn.Module, example: Tensor, tmpdir: str) -> Callable[[Tensor], Tensor]:
+    """ONNX Runtime on the file ``repavit export`` ships: the same exporter (dynamo), opset and metadata."""
+    from ..export import OrtModel, export_onnx
+
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as e:
         raise MissingExtraError("the onnxruntime form needs the ONNX extra: pip install 'repavit[onnx]'") from e
-    path = os.path.join(tmpdir, f"model-{id(model)}.onnx")
-    torch.onnx.export(
-        model,
-        (example,),
-        path,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    path = export_onnx(model, os.path.join(tmpdir, f"model-{id(model)}.onnx"), tuple(example.shape[1:]))
+    runner = OrtModel(path, threads=torch.get_num_threads())
 
     def run(x: Tensor) -> Tensor:
-        return torch.from_numpy(sess.run(None, {"input": x.cpu().numpy()})[0])
+        return torch.from_numpy(runner(x))
 
     return run
 

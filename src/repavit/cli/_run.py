@@ -14,9 +14,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 
-__all__ = ["Parser", "run_command"]
+__all__ = ["Parser", "dashed_flag", "run_command", "seed_flag"]
 
 # File-system errors that come from what the user asked for (paths, permissions, space), not from bugs.
 USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
@@ -28,6 +28,16 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def dashed_flag(key: str) -> str:
+    """How most subcommands spell an argument in messages: ``idle_ratio`` -> ``--idle-ratio``."""
+    return "--" + key.replace("_", "-")
+
+
+def seed_flag(key: str) -> str:
+    """How train/eval/speed and ``main.py`` spell it: the authors' underscores (``--idle_ratio``)."""
+    return "--" + key
 
 
 def _os_message(e: OSError) -> str:
@@ -43,7 +53,12 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run ``func(args)`` with logging set up; map user errors to one line and exit code 2."""
+    """Run ``func(args)`` with logging set up; map user errors to one line and exit code 2.
+
+    An :class:`~repavit.errors.ArgumentError` names its arguments with ``args._flag_name`` (a
+    subcommand's spelling, :func:`dashed_flag` unless it sets another), so a library message
+    reads as flags on the command line.
+    """
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     try:
@@ -51,7 +66,8 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], arg
     except UserError as e:
         if verbose:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = e.render(getattr(args, "_flag_name", dashed_flag)) if isinstance(e, ArgumentError) else str(e)
+        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     except OSError as e:

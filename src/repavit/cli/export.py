@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..errors import UserError
 from ._deploy_args import add_source_args, load_from_args, mb, provenance
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..export.deploy import FORMATS
     from ..export.onnx import DEFAULT_OPSET, EXPORTERS
     from ..export.torchscript import TORCHSCRIPT_METHODS
 
@@ -22,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ONNX) on random inputs of two batch sizes and compare with PyTorch.",
     )
     add_source_args(p)
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--format", choices=list(FORMATS), default=None, help="default: the -o suffix's (.pt: torchscript)")
     p.add_argument("-o", "--output", required=True, help="output file (.onnx or .pt)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument(
@@ -45,70 +44,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from ..export.deploy import export_format, export_model
 
-    import torch
-
-    from ..export import export_onnx, export_torchscript, input_size_of, verify_onnx, verify_torchscript, write_sidecar
-    from ..export.onnx import onnx_files_size
-
-    suffix = Path(args.output).suffix.lower()
-    expected = {"onnx": ".onnx", "torchscript": ".pt"}[args.format]
-    other = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}.get(suffix)
-    if other is not None and other != args.format:
-        raise UserError(
-            f"-o {args.output} names a {other} file but --format is {args.format}: pass --format {other} or name "
-            f"the file *{expected}"
-        )
-    if not Path(args.output).name:
-        raise UserError(f"-o {args.output!r}: give a file path, e.g. -o out/model{expected}")
+    args.format = export_format(args.output, args.format)  # before loading: a wrong name costs nothing
     loaded = load_from_args(args, reparameterized=None if args.no_reparam else True)
-    model = loaded.model.eval()
-    record = loaded.record
-    size = input_size_of(model)
-    if args.format == "onnx":
-        meta = {"repavit_record": record.to_dict()}
-        path = export_onnx(model, args.output, size, args.batch_size, args.opset, args.exporter, metadata=meta)
-        verify = verify_onnx
-        what = f"ONNX opset {args.opset}, {args.exporter} exporter, dynamic batch axis"
-        nbytes = onnx_files_size(path)
-    else:
-        extra = {"repavit_record.json": json.dumps(record.to_dict())}
-        path = export_torchscript(model, args.output, args.method, extra_files=extra)
-        verify = verify_torchscript
-        what = "TorchScript"
-        nbytes = path.stat().st_size
-    sidecar = write_sidecar(path, model, record, format=args.format, **provenance(args, loaded))
+    out = export_model(
+        loaded,
+        args.output,
+        args.format,
+        opset=args.opset,
+        exporter=args.exporter,
+        method=args.method,
+        batch_size=args.batch_size,
+        rtol=args.rtol,
+        verify=not args.no_verify,
+        extra=provenance(args, loaded),
+    )
     form = "" if loaded.reparameterized else ", training form"
-    print(f"wrote {path} ({mb(nbytes)}; {record.describe()}{form}; {what}) and {sidecar.name}")
-    if not args.no_verify:
-        g = torch.Generator().manual_seed(0)
-        inputs = [torch.randn(b, *size, generator=g) for b in (1, args.batch_size + 1)]
-        result = verify(path, model, inputs, rtol=args.rtol)
+    what = f"{mb(out.nbytes)}; {loaded.record.describe()}{form}; {out.description}"
+    print(f"wrote {out.path} ({what}) and {out.sidecar.name}")
+    if out.check is not None:
+        c = out.check
         print(
-            f"checked against PyTorch on batches {result['batches']}: max abs diff {result['max_abs_diff']:.3g}, "
-            f"max relative diff {result['max_rel_diff']:.3g} (limit {args.rtol:g})"
+            f"checked against PyTorch on batches {c['batches']}: max abs diff {c['max_abs_diff']:.3g}, "
+            f"max relative diff {c['max_rel_diff']:.3g} (limit {args.rtol:g})"
         )
     if args.bench_batch > 0 and args.format == "onnx":
-        bench_onnxruntime(model, path, size, args.bench_batch, args.bench_rounds)
+        from ..bench.runtimes import onnxruntime_vs_eager
+
+        med = onnxruntime_vs_eager(loaded.model, out.path, args.bench_batch, args.bench_rounds)
+        print(
+            f"throughput (batch {args.bench_batch}, {med['threads']} threads, median of {args.bench_rounds} rounds): "
+            f"PyTorch eager {med['pytorch_eager']:.1f} img/s, ONNX Runtime {med['onnxruntime']:.1f} img/s "
+            f"({med['onnxruntime'] / med['pytorch_eager']:.2f}x)"
+        )
     return 0
-
-
-def bench_onnxruntime(model, path, size, batch: int, rounds: int) -> dict[str, float]:
-    """Images/s of PyTorch eager and ONNX Runtime on the same model and input, timed interleaved."""
-    import torch
-
-    from ..bench.throughput import interleaved_throughput, summarize
-    from ..export import OrtModel, ort_forward
-
-    x = torch.randn(batch, *size)
-    runner = OrtModel(path)
-    fns = {"pytorch_eager": lambda: model(x), "onnxruntime": ort_forward(runner, x)}
-    samples = interleaved_throughput(fns, batch, rounds=rounds, iters=2, warmup=1)
-    med = {k: summarize(v)["median"] for k, v in samples.items()}
-    print(
-        f"throughput (batch {batch}, {torch.get_num_threads()} torch threads, median of {rounds} rounds): "
-        f"PyTorch eager {med['pytorch_eager']:.1f} img/s, ONNX Runtime {med['onnxruntime']:.1f} img/s "
-        f"({med['onnxruntime'] / med['pytorch_eager']:.2f}x)"
-    )
-    return med

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..train.config import GROUPS, TrainConfig, config_fields, load_yaml
-from ._run import Parser, run_command
+from ._run import Parser, run_command, seed_flag
 
 __all__ = ["add_config_arguments", "build_seed_parser", "config_from_args", "register", "run", "seed_main"]
 
@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (help_text, mode) in _MODES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_config_arguments(p)
-        p.set_defaults(func=run, _mode=mode)
+        p.set_defaults(func=run, _mode=mode, _flag_name=seed_flag)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +120,7 @@ def build_seed_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; show tracebacks")
     add_config_arguments(p)
+    p.set_defaults(_flag_name=seed_flag)
     return p
 
 

@@ -18,6 +18,7 @@ data blocks, values included), so the key list is cached next to the database in
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import MissingExtraError, UserError
+from ..utils import atomic_write
 from .robust import BadImageError, load_rgb
 
 __all__ = [
@@ -237,6 +239,11 @@ def write_key_cache(
     return _save_cache(os.path.abspath(os.fspath(db_path)), blob, offsets, classes, targets, key_cache)
 
 
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+        np.savez(f, **arrays)
+
+
 def _save_cache(
     db_path: str,
     blob: bytes,
@@ -256,15 +263,10 @@ def _save_cache(
         "targets": np.asarray(targets, dtype=np.int32),
     }
     for path in _cache_paths(db_path, key_cache):
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            atomic_write(path, functools.partial(_savez, arrays=arrays))
         except OSError as e:
             _logger.debug("cannot write key cache %s: %s", path, e)
-            if os.path.exists(tmp):
-                os.remove(tmp)
             continue
         _logger.debug("wrote key cache %s (%d keys)", path, count)
         return path

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import ModelRecord
-from ..models._pretrained import ReleasedWeights
-from ..models.checkpoint import HUB_RECORD_KEY, HUB_WEIGHTS, METADATA_KEY, atomic_write, write_json
+from ..models import ModelRecord, ReleasedWeights
+from ..models.checkpoint import HUB_RECORD_KEY, HUB_WEIGHTS, METADATA_KEY
 from ..models.record import FFN_ARGS
+from ..utils import atomic_write, write_json, write_text
 from .info import input_size_of, tensor_bytes
 
 _logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def measure_model(model: nn.Module, reference: nn.Module | None = None, batch_si
     ``reference`` is the training form the model was folded from (same weights); the difference is
     measured on ``batch_size`` random images of the model's input size.
     """
-    from ..bench.throughput import count_gmacs
+    from ..measure import count_gmacs
 
     size = input_size_of(model)
     numbers: dict[str, Any] = {
@@ -256,16 +257,13 @@ def save_hub_folder(
         cfg["description"] = record.describe()
     model.pretrained_cfg = cfg
     model_config = {"label_names": record.class_names} if record.class_names else None
-    config_tmp = out / f".config.json.{os.getpid()}.tmp"
-    try:
-        save_config_for_hf(model, str(config_tmp), model_config=model_config, model_args=args)
-        config = json.loads(config_tmp.read_text())
-    finally:
-        config_tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # timm writes its config to a path; we add the record
+        save_config_for_hf(model, os.path.join(tmp, "config.json"), model_config=model_config, model_args=args)
+        config = json.loads(Path(tmp, "config.json").read_text())
     config[HUB_RECORD_KEY] = record.to_dict()
     write_json(out / "config.json", config)
     numbers = dict(numbers) if numbers is not None else measure_model(model)
     card = model_card(record, numbers, repo_id, metrics, released, assumptions, release_like)
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card))
+    write_text(out / "README.md", card)
     _logger.info("wrote Hub-layout folder %s", out)
     return out

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..models import ModelRecord
-from ..models.checkpoint import write_json
+from ..utils import write_json
 
 __all__ = ["input_size_of", "preprocessing", "tensor_bytes", "write_sidecar"]
 

@@ -72,7 +72,7 @@ def export_torchscript(
             scripted = torch.jit.trace(model, example_input)
         scripted.save(str(path), _extra_files=dict(extra_files or {}))
     used = "trace" if isinstance(scripted, torch.jit.TopLevelTracedModule) else "script"
-    _logger.info("wrote %s (torch.jit.%s)", path, used)
+    _logger.debug("wrote %s (torch.jit.%s)", path, used)
     return path
 
 
@@ -82,7 +82,9 @@ def verify_torchscript(
 ) -> dict[str, Any]:
     """Load ``path`` and compare its outputs with ``model`` on each input (see :func:`verify_onnx`)."""
     param = next(model.parameters())
-    loaded = torch.jit.load(str(path), map_location=param.device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": the file is TorchScript
+        loaded = torch.jit.load(str(path), map_location=param.device).eval()
     max_abs, max_rel = 0.0, 0.0
     for x in inputs:
         x = x.to(param.device)

@@ -19,7 +19,7 @@ activated branch straight into the linear branch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +373,3 @@ def reparameterize_module(module: nn.Module) -> int:
         else:
             count += reparameterize_module(child)
     return count
-
-
-def active_channel_list(hidden_dim: int, ratios: Sequence[float], rounding: str = "ceil") -> list[int]:
-    return [active_channels(hidden_dim, r, rounding) for r in ratios]

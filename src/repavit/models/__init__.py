@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 
 from . import repamlpmixer, repapoolformer, repaswin, repavit  # noqa: F401  (register the models in timm)
+from ._pretrained import ReleasedWeights
 from .checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -51,6 +52,7 @@ __all__ = [
     "LoadedModel",
     "ModelRecord",
     "RePaViT",
+    "ReleasedWeights",
     "Settings",
     "create_model",
     "fold_refusal",

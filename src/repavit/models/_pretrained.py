@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from timm.models import build_model_with_cfg as _timm_build_model_with_cfg
-from timm.models import load_pretrained, resolve_pretrained_cfg
+from timm.models import resolve_pretrained_cfg
 from torch import nn
 
 from .checkpoint import _weights_in_folder, open_checkpoint
@@ -45,7 +45,6 @@ __all__ = [
     "RELEASED",
     "ReleasedWeights",
     "build_model_with_cfg",
-    "load_released_weights",
     "register_released",
     "released_weights",
     "required_model_args",
@@ -363,29 +362,3 @@ def _build(
             restored.update({k: cfg[k] for k in _SOURCE_KEYS if cfg.get(k) is not None})
             m.pretrained_cfg = m.default_cfg = restored
     return model, kwargs
-
-
-def load_released_weights(
-    model: nn.Module,
-    pretrained_cfg: Mapping[str, Any],
-    filter_fn: Callable | None = None,
-    strict: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    in_chans: int = 3,
-) -> nn.Module:
-    """Load the weights ``pretrained_cfg`` names into ``model`` (in place); see :func:`build_model_with_cfg`."""
-    path = resolve_weights_file(pretrained_cfg, cache_dir)
-    _logger.info("loading pretrained weights from %s", path)
-    state = open_checkpoint(path).state_dict()
-    # timm's loader does the classifier / input-conv adaptation; hand it the state dict directly.
-    load_cfg = {k: v for k, v in pretrained_cfg.items() if k not in _SOURCE_KEYS} | {"state_dict": state}
-    with torch.no_grad():
-        load_pretrained(
-            model,
-            pretrained_cfg=load_cfg,
-            num_classes=getattr(model, "num_classes", 1000),
-            in_chans=in_chans,
-            filter_fn=filter_fn,
-            strict=strict,
-        )
-    return model

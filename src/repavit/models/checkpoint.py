@@ -36,8 +36,7 @@ import logging
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..layers.ffn_state import FORM_NAMES, ffn_forms
+from ..utils import atomic_write, write_json
 from .record import CheckpointMismatchError, ModelRecord, jsonable
 
 _logger = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ __all__ = [
     "TRAIN_FORMAT",
     "Checkpoint",
     "CheckpointMismatchError",
-    "atomic_write",
     "check_plain",
     "load_checkpoint",
     "open_checkpoint",
@@ -65,7 +64,6 @@ __all__ = [
     "state_feature_norm",
     "state_form",
     "unwrap_state_dict",
-    "write_json",
 ]
 
 # Types that a weights-only unpickler may rebuild: plain containers of values, nothing callable.
@@ -79,9 +77,6 @@ HUB_RECORD_KEY = "repavit"  # config.json entry holding the record
 HUB_WEIGHTS = "model.safetensors"
 _FOLDER_FILES = (HUB_WEIGHTS, "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
-# The process's umask, read once (reading it means setting it, which must not happen while other threads write).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -460,36 +455,6 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
             check_plain(v, f"{where}[{i}]")
         return
     raise TypeError(f"{where} holds a {type(obj).__name__}, which weights_only loading would refuse")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the result and rename it to ``path``; on any failure nothing is left.
-
-    The temporary file sits in the target folder (same file system, so the rename is atomic) and
-    gets the permissions a plain ``open`` would give.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 (and some writers replace the file: set it after)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _cpu_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

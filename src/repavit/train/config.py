@@ -312,11 +312,11 @@ class TrainConfig:
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved settings atomically (loadable again with ``--config``)."""
-        from ..models.checkpoint import atomic_write
+        from ..utils import write_text
 
         text = "# Resolved settings of this run; reload with `repavit train --config <this file>`.\n"
         text += yaml.safe_dump(self.to_dict(), sort_keys=False)
-        atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+        write_text(path, text)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bench.throughput import count_gmacs, count_params, interleaved_throughput
 from ..errors import UserError
+from ..measure import count_gmacs, count_params, interleaved_throughput
 from ..models import Checkpoint, foldable, open_checkpoint, reparameterize_model
-from ..models.checkpoint import write_json
+from ..utils import write_json
 from .builders import (
     build_datasets,
     build_loaders,

@@ -38,7 +38,7 @@ from ..models import (
     reparameterize_model,
     save_checkpoint,
 )
-from ..models.checkpoint import write_json
+from ..utils import write_json
 from .builders import (
     build_criterion,
     build_datasets,

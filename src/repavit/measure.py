@@ -1,5 +1,8 @@
 """Timing and counting primitives: interleaved throughput, peak memory, GMACs, parameters, machine info.
 
+Below ``train``, ``bench`` and ``export``, which all count and time models; imports nothing of the
+package but :mod:`repavit.utils`.
+
 Single timings on a shared CPU drift by tens of percent between runs, so every variant of a model
 is timed in the same process, interleaved round by round (the order rotates each round), after a
 warm-up; the report gives the median images/s with its spread, and ratios of medians.
@@ -21,15 +24,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..utils import format_eta
+from .utils import format_eta
+
+__all__ = [
+    "count_gmacs",
+    "count_params",
+    "interleaved_throughput",
+    "machine_info",
+    "peak_memory_mb",
+    "summarize",
+]
 
 _logger = logging.getLogger(__name__)
-
-
-def vanilla_counterpart(model: nn.Module) -> nn.Module | None:
-    """The plain timm model of the same size (``model.vanilla_counterpart()``), or None if it has none."""
-    fn = getattr(model, "vanilla_counterpart", None)
-    return fn() if callable(fn) else None
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

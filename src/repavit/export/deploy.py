@@ -1,0 +1,135 @@
+"""One call from a loaded checkpoint to a verified deployment file: :func:`export_model`.
+
+The file is written and checked in a temporary folder beside the target, then moved into place
+with its JSON sidecar: a failed export or a failed check leaves nothing under the target name
+(and never replaces an earlier good file with a bad one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ArgumentError
+from .info import input_size_of, write_sidecar
+from .onnx import DEFAULT_OPSET, export_onnx, onnx_files_size, verify_onnx
+from .torchscript import export_torchscript, verify_torchscript
+
+__all__ = ["FORMATS", "Exported", "export_format", "export_model"]
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+_SUFFIX_FORMAT = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
+
+
+@dataclass
+class Exported:
+    """What :func:`export_model` wrote: the file, its sidecar, its size, and the check's result."""
+
+    path: Path
+    sidecar: Path
+    nbytes: int
+    description: str
+    check: dict[str, Any] | None
+
+
+def export_format(output: str | os.PathLike, format: str | None = None) -> str:
+    """The format to write ``output`` in: ``format`` if given (it must agree with the suffix), else the
+    suffix's (``.onnx``: ONNX; ``.pt``, ``.pth``, ``.ts``: TorchScript), else ONNX."""
+    if not os.fspath(output).strip() or os.fspath(output).endswith(("/", os.sep)):
+        raise ArgumentError("{output} {path!r}: give a file path, e.g. model.onnx", path=os.fspath(output))
+    output = Path(output)
+    implied = _SUFFIX_FORMAT.get(output.suffix.lower())
+    if format is None:
+        return implied or "onnx"
+    if format not in FORMATS:
+        known = ", ".join(FORMATS)
+        raise ArgumentError("unknown {format} {value!r}; expected one of {known}", value=format, known=known)
+    if implied is not None and implied != format:
+        raise ArgumentError(
+            "{output} {path} names a {implied} file but {format} is {value}: choose {format} {implied} or name the "
+            "file *{suffix}",
+            path=output,
+            implied=implied,
+            value=format,
+            suffix=FORMATS[format],
+        )
+    return format
+
+
+def export_model(
+    loaded: Any,
+    output: str | os.PathLike,
+    format: str | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    method: str = "auto",
+    batch_size: int = 2,
+    rtol: float = 1e-4,
+    verify: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> Exported:
+    """Export ``loaded.model`` (a :class:`repavit.models.LoadedModel`) with its record, and check it.
+
+    Args:
+        loaded: what :func:`repavit.models.load_model` returned (the model in the form to export).
+        output: the file to write (``.onnx`` for ONNX, ``.pt`` for TorchScript); ``<output>.json`` beside it.
+        format: ``"onnx"`` or ``"torchscript"``; None: from the suffix (see :func:`export_format`).
+        opset, exporter: ONNX opset and exporter (``"dynamo"`` or ``"legacy"``).
+        method: TorchScript ``"auto"``, ``"script"`` or ``"trace"``.
+        batch_size: batch of the example input used to export; the check runs batches 1 and ``batch_size + 1``.
+        rtol: largest relative difference from PyTorch the check accepts.
+        verify: run the exported file and compare it with PyTorch.
+        extra: more entries for the sidecar (source, metrics, provenance).
+
+    Raises:
+        ArgumentError: a format the file name contradicts.
+        VerificationError: the exported file does not reproduce the model (nothing is kept).
+    """
+    format = export_format(output, format)
+    output = Path(output)
+    folder = output.parent if str(output.parent) else Path(".")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _export_in(folder, output, format, loaded, opset, exporter, method, batch_size, rtol, verify, extra)
+    except BaseException:
+        for p in created:  # innermost first: leave no empty folders behind either
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _export_in(folder, output, format, loaded, opset, exporter, method, batch_size, rtol, verify, extra) -> Exported:
+    model = loaded.model.eval()
+    record = loaded.record
+    size = input_size_of(model)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", suffix=".tmp", dir=folder) as tmp:
+        staged = Path(tmp) / output.name
+        if format == "onnx":
+            meta = {"repavit_record": record.to_dict()}
+            export_onnx(model, staged, size, batch_size, opset, exporter, metadata=meta)
+            verifier, nbytes = verify_onnx, onnx_files_size(staged)
+            description = f"ONNX opset {opset}, {exporter} exporter, dynamic batch axis"
+        else:
+            extra_files = {"repavit_record.json": json.dumps(record.to_dict())}
+            export_torchscript(model, staged, method, extra_files=extra_files)
+            verifier, nbytes, description = verify_torchscript, staged.stat().st_size, "TorchScript"
+        check = None
+        if verify:
+            g = torch.Generator().manual_seed(0)
+            inputs = [torch.randn(b, *size, generator=g) for b in (1, batch_size + 1)]
+            check = verifier(staged, model, inputs, rtol=rtol)
+        write_sidecar(staged, model, record, format=format, **dict(extra or {}))
+        for f in sorted(Path(tmp).iterdir(), key=lambda p: p == staged):  # the main file last
+            os.replace(f, folder / f.name)
+    return Exported(output, output.with_name(output.name + ".json"), nbytes, description, check)
