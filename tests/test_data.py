@@ -72,12 +72,12 @@ def test_class_folder_without_images_is_named(tmp_path):
 
 
 def test_data_path_required():
-    with pytest.raises(ValueError, match="--data_path is required"):
+    with pytest.raises(ValueError, match="^data_path is required"):
         build_dataset(True, "IMNET", "")
 
 
 def test_unknown_dataset_and_rocksdb_not_installed(tmp_path):
-    with pytest.raises(ValueError, match="unknown --data_set"):
+    with pytest.raises(ValueError, match="unknown data_set"):
         build_dataset(True, "MNIST", str(tmp_path))
     with pytest.raises(ValueError, match="cannot be combined"):
         build_dataset(True, "CIFAR", rocksdb=str(tmp_path))

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repavit.utils import atomic_write
 from repavit.train.rundir import RunDir
+from repavit.utils import atomic_write
 
 ARGS = (
     "train --model RePaViT_Tiny --model_kwargs depth=2 embed_dim=32 num_heads=2 patch_size=8 --input_size 32 "

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from repavit.cli.main import main
-from repavit.data.rocksdb_build import FolderSource, build_db
 from repavit.data.folder import image_folder
 from repavit.data.robust import BadImageError, RobustDataset
 from repavit.data.rocksdb import KEY_CACHE_SUFFIX, RocksDBDataset
+from repavit.data.rocksdb_build import FolderSource, build_db
 from repavit.errors import MissingExtraError
 
 # "a" is a prefix of "a-b": RocksDB's bytewise key order ("a-b/..." < "a/...") differs from ImageFolder's.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -133,10 +134,14 @@ def test_model_kwargs_from_flags_merge_with_yaml(tmp_path):
         ("device: tpu\n", "--device 'tpu'"),
     ],
 )
-def test_bad_yaml_values_are_one_line_errors(tmp_path, text, needle):
+def test_bad_yaml_values_are_one_line_errors(tmp_path, text, needle, capsys):
+    """The library names the setting (``batch_size``); the command line names the flag (``--batch_size``)."""
     (tmp_path / "bad.yaml").write_text(text)
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ValueError, match=needle.replace("--", "")):
         seed_config(["--config", str(tmp_path / "bad.yaml")])
+    assert seed_main(["--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(needle, err[0]), err
 
 
 def test_missing_config_file_exits_2(tmp_path, capsys):

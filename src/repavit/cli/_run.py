@@ -30,14 +30,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+# Python argument names whose flag is another word (the Python API's model_name is --model everywhere).
+_RENAMED = {"model_name": "model"}
+_SEED_RENAMED = {**_RENAMED, "img_size": "input_size", "num_classes": "nb_classes"}
+
+
 def dashed_flag(key: str) -> str:
     """How most subcommands spell an argument in messages: ``idle_ratio`` -> ``--idle-ratio``."""
-    return "--" + key.replace("_", "-")
+    return "--" + _RENAMED.get(key, key).replace("_", "-")
 
 
 def seed_flag(key: str) -> str:
     """How train/eval/speed and ``main.py`` spell it: the authors' underscores (``--idle_ratio``)."""
-    return "--" + key
+    return "--" + _SEED_RENAMED.get(key, key)
 
 
 def _os_message(e: OSError) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from .cifar import CIFAR100Local
 from .folder import image_folder
 from .inat import INatDataset
@@ -46,11 +46,11 @@ def _rocksdb(path: str, is_train: bool, transform: Callable | None) -> Dataset:
 
 def _imagenet_layout(data_path: str, is_train: bool, transform: Callable | None) -> Dataset:
     if not data_path:
-        raise UserError("--data_path is required: a folder with train/ and val/, one sub-folder per class in each")
+        raise ArgumentError("{data_path} is required: a folder with train/ and val/, one sub-folder per class in each")
     if not os.path.exists(data_path):
         raise FileNotFoundError(f"data folder not found: {data_path} (expected train/ and val/ inside)")
     if not os.path.isdir(data_path):
-        raise NotADirectoryError(f"--data_path is not a folder: {data_path}")
+        raise ArgumentError("{data_path} is not a folder: {v0}", v0=data_path)
     split = "train" if is_train else "val"
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
@@ -89,7 +89,7 @@ def build_dataset(
         seed: seed of the synthetic images.
     """
     if data_set not in DATASETS:
-        raise UserError(f"unknown --data_set {data_set!r}; expected one of {', '.join(DATASETS)}")
+        raise ArgumentError("unknown {data_set} {v0!r}; expected one of {v1}", v0=data_set, v1=", ".join(DATASETS))
     if data_set == "SYNTH":
         ds: Dataset = SyntheticImages(
             synthetic_size,
@@ -101,17 +101,19 @@ def build_dataset(
         )
     elif rocksdb:
         if data_set != "IMNET":
-            raise UserError(f"--rocksdb holds ImageNet-layout data; it cannot be combined with --data_set {data_set}")
+            raise ArgumentError(
+                "{rocksdb} holds ImageNet-layout data; it cannot be combined with {data_set} {v0}", v0=data_set
+            )
         ds = _rocksdb(rocksdb, is_train, transform)
     elif data_set == "IMNET":
         ds = _imagenet_layout(data_path, is_train, transform)
     elif data_set == "CIFAR":
         if not data_path:
-            raise UserError("--data_path is required for --data_set CIFAR (a folder with cifar-100-python/)")
+            raise ArgumentError("{data_path} is required for {data_set} CIFAR (a folder with cifar-100-python/)")
         ds = CIFAR100Local(data_path, train=is_train, transform=transform)
     else:
         if not data_path:
-            raise UserError(f"--data_path is required for --data_set {data_set} (the iNaturalist folder)")
+            raise ArgumentError("{data_path} is required for {data_set} {v0} (the iNaturalist folder)", v0=data_set)
         year = 2018 if data_set == "INAT" else 2019
         ds = INatDataset(data_path, train=is_train, year=year, category=inat_category, transform=transform)
     if len(ds) == 0:

@@ -22,7 +22,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 
 __all__ = ["INAT_CATEGORIES", "INatDataset"]
 
@@ -84,7 +84,9 @@ class INatDataset(Dataset):
             if cat is None:
                 raise UserError(f"annotation refers to category id {category_id}, which the category list lacks")
             if category not in cat:
-                raise UserError(f"category {cat['id']} has no '{category}' field (choose another --inat_category)")
+                raise ArgumentError(
+                    "category {v0} has no '{v1}' field (choose another {inat_category})", v0=cat["id"], v1=category
+                )
             return str(cat[category])
 
         index: dict[str, int] = {}

@@ -31,7 +31,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..layers.ffn_state import ffn_modules
 from ..layers.idle_mlp import active_channels, idle_ratios_for_depth, reparameterize_module
 from ._pretrained import ReleasedWeights, released_weights
@@ -542,7 +542,7 @@ def _load_without_checkpoint(
     model_name: str | None, pretrained: bool, reparameterized: bool | None, kwargs: dict[str, Any]
 ) -> LoadedModel:
     if model_name is None:
-        raise UserError("a model name is needed when no checkpoint is given (e.g. --model RePaViT_Base)")
+        raise ArgumentError("a model name is needed when no checkpoint is given (e.g. {model_name} RePaViT_Base)")
     model = create_model(model_name, pretrained=pretrained, reparameterized=bool(reparameterized), **kwargs)
     model.eval()
     name = model_name if ":" not in model_name else (model.pretrained_cfg or {}).get("architecture", model_name)

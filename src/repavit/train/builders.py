@@ -26,7 +26,7 @@ from ..data import (
     dataset_classes,
 )
 from ..data.robust import RobustDataset, check_split
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..models import Checkpoint, CheckpointMismatchError, Settings, load_model, resolve_settings
 from ..models import create_model as repa_create_model
 from ..models import is_repa_model as _is_repa_model
@@ -66,7 +66,7 @@ def check_model_name(cfg: TrainConfig) -> None:
         names = ", ".join(n for n in repa_list_models() if n.startswith("RePa"))
         raise UserError(f"unknown model {cfg.model!r}; RePa models are: {names}")
     if cfg.reparam and not is_repa_model(cfg.model):
-        raise UserError(f"--reparam applies to RePa models only; {cfg.model} has no reparameterized form")
+        raise ArgumentError("{reparam} applies to RePa models only; {v0} has no reparameterized form", v0=cfg.model)
     ffn_flags = [f"--{k}" for k in ("channel_idle", "idle_ratio", "feature_norm", "heuristic") if k in cfg.given]
     if ffn_flags and not is_repa_model(cfg.model):
         raise UserError(f"{', '.join(ffn_flags)} applies to RePa models only; {cfg.model} has no channel-idle FFNs")
@@ -307,7 +307,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.opti
     try:
         return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
     except (ValueError, AssertionError, KeyError) as e:
-        raise UserError(f"--opt {cfg.opt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ArgumentError(
+            "{opt} {v0}: {v1}", v0=cfg.opt, v1=str(e).splitlines()[0] if str(e) else type(e).__name__
+        ) from None
 
 
 def build_scheduler(
@@ -315,7 +317,7 @@ def build_scheduler(
 ) -> Scheduler:
     """timm schedule stepped per update (``step_update``), with warmup from ``warmup_lr``."""
     if cfg.sched == "plateau":
-        raise UserError("--sched plateau is not supported: this trainer steps the schedule per update")
+        raise ArgumentError("{sched} plateau is not supported: this trainer steps the schedule per update")
     try:
         scheduler, _ = create_scheduler_v2(
             optimizer,
@@ -336,7 +338,9 @@ def build_scheduler(
             updates_per_epoch=updates_per_epoch,
         )
     except (ValueError, AssertionError) as e:
-        raise UserError(f"--sched {cfg.sched}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ArgumentError(
+            "{sched} {v0}: {v1}", v0=cfg.sched, v1=str(e).splitlines()[0] if str(e) else type(e).__name__
+        ) from None
     return scheduler
 
 

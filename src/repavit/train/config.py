@@ -21,7 +21,7 @@ import yaml
 
 from ..data.datasets import DATASETS
 from ..data.inat import INAT_CATEGORIES
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 
 __all__ = ["GROUPS", "TrainConfig", "config_fields", "load_yaml"]
 
@@ -199,63 +199,67 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{f.name} {getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+                choices = ", ".join(map(str, choices))
+                raise ArgumentError(
+                    "{" + f.name + "} {value!r} is not one of {choices}", value=getattr(self, f.name), choices=choices
+                )
         checks: list[tuple[bool, str]] = [
-            (bool(self.model), "--model must name a model"),
-            (self.input_size >= 1, "--input_size must be >= 1"),
-            (self.nb_classes is None or self.nb_classes >= 1, "--nb_classes must be >= 1"),
-            (0.0 <= self.drop < 1.0, "--drop must be in [0, 1)"),
-            (0.0 <= self.drop_path < 1.0, "--drop_path must be in [0, 1)"),
-            (0.0 <= self.idle_ratio <= 1.0, "--idle_ratio must be in [0, 1]"),
-            (0.0 <= self.model_ema_decay <= 1.0, "--model_ema_decay must be in [0, 1]"),
-            (bool(self.opt), "--opt must name an optimizer"),
-            (self.clip_grad is None or self.clip_grad > 0, "--clip_grad must be > 0"),
-            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
-            (self.accumulation_steps >= 1, "--accumulation_steps must be >= 1"),
-            (self.lr > 0, "--lr must be > 0"),
-            (self.min_lr >= 0 and self.warmup_lr >= 0, "--min_lr and --warmup_lr must be >= 0"),
-            (self.warmup_epochs >= 0, "--warmup_epochs must be >= 0"),
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (0 <= self.start_epoch, "--start_epoch must be >= 0"),
-            (self.batch_size >= 1, "--batch_size must be >= 1"),
-            (self.seed >= 0, "--seed must be >= 0"),
-            (self.color_jitter >= 0, "--color_jitter must be >= 0"),
-            (0.0 <= self.smoothing < 1.0, "--smoothing must be in [0, 1)"),
-            (self.ra_repeats >= 1, "--ra_repeats must be >= 1"),
-            (0.0 <= self.reprob <= 1.0, "--reprob must be in [0, 1]"),
-            (self.recount >= 1, "--recount must be >= 1"),
-            (self.crop_padding >= 0, "--crop_padding must be >= 0"),
-            (0.0 <= self.hflip <= 1.0, "--hflip must be in [0, 1]"),
-            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
-            (0.0 <= self.mixup_prob <= 1.0, "--mixup_prob must be in [0, 1]"),
-            (0.0 <= self.mixup_switch_prob <= 1.0, "--mixup_switch_prob must be in [0, 1]"),
+            (bool(self.model), "{model} must name a model"),
+            (self.input_size >= 1, "{input_size} must be >= 1"),
+            (self.nb_classes is None or self.nb_classes >= 1, "{nb_classes} must be >= 1"),
+            (0.0 <= self.drop < 1.0, "{drop} must be in [0, 1)"),
+            (0.0 <= self.drop_path < 1.0, "{drop_path} must be in [0, 1)"),
+            (0.0 <= self.idle_ratio <= 1.0, "{idle_ratio} must be in [0, 1]"),
+            (0.0 <= self.model_ema_decay <= 1.0, "{model_ema_decay} must be in [0, 1]"),
+            (bool(self.opt), "{opt} must name an optimizer"),
+            (self.clip_grad is None or self.clip_grad > 0, "{clip_grad} must be > 0"),
+            (self.weight_decay >= 0, "{weight_decay} must be >= 0"),
+            (self.accumulation_steps >= 1, "{accumulation_steps} must be >= 1"),
+            (self.lr > 0, "{lr} must be > 0"),
+            (self.min_lr >= 0 and self.warmup_lr >= 0, "{min_lr} and {warmup_lr} must be >= 0"),
+            (self.warmup_epochs >= 0, "{warmup_epochs} must be >= 0"),
+            (self.epochs >= 1, "{epochs} must be >= 1"),
+            (0 <= self.start_epoch, "{start_epoch} must be >= 0"),
+            (self.batch_size >= 1, "{batch_size} must be >= 1"),
+            (self.seed >= 0, "{seed} must be >= 0"),
+            (self.color_jitter >= 0, "{color_jitter} must be >= 0"),
+            (0.0 <= self.smoothing < 1.0, "{smoothing} must be in [0, 1)"),
+            (self.ra_repeats >= 1, "{ra_repeats} must be >= 1"),
+            (0.0 <= self.reprob <= 1.0, "{reprob} must be in [0, 1]"),
+            (self.recount >= 1, "{recount} must be >= 1"),
+            (self.crop_padding >= 0, "{crop_padding} must be >= 0"),
+            (0.0 <= self.hflip <= 1.0, "{hflip} must be in [0, 1]"),
+            (self.mixup >= 0 and self.cutmix >= 0, "{mixup} and {cutmix} must be >= 0"),
+            (0.0 <= self.mixup_prob <= 1.0, "{mixup_prob} must be in [0, 1]"),
+            (0.0 <= self.mixup_switch_prob <= 1.0, "{mixup_switch_prob} must be in [0, 1]"),
             (
                 self.cutmix_minmax is None or len(self.cutmix_minmax) == 2,
-                "--cutmix_minmax takes two values (min max)",
+                "{cutmix_minmax} takes two values (min max)",
             ),
             (self.synthetic_train_size >= 1 and self.synthetic_val_size >= 1, "synthetic split sizes must be >= 1"),
-            (0.0 < self.eval_crop_ratio <= 1.0, "--eval_crop_ratio must be in (0, 1]"),
-            (self.num_workers >= 0, "--num_workers must be >= 0"),
-            (self.prefetch_factor >= 1, "--prefetch_factor must be >= 1"),
-            (self.save_freq >= 1, "--save_freq must be >= 1"),
-            (bool(_DEVICE.match(self.device)), f"--device {self.device!r} is not auto, cpu, cuda or cuda:N"),
-            (self.dist_backend in ("auto", "gloo", "nccl"), "--dist_backend must be auto, gloo or nccl"),
+            (0.0 < self.eval_crop_ratio <= 1.0, "{eval_crop_ratio} must be in (0, 1]"),
+            (self.num_workers >= 0, "{num_workers} must be >= 0"),
+            (self.prefetch_factor >= 1, "{prefetch_factor} must be >= 1"),
+            (self.save_freq >= 1, "{save_freq} must be >= 1"),
+            (bool(_DEVICE.match(self.device)), "{device} {device_value!r} is not auto, cpu, cuda or cuda:N"),
+            (self.dist_backend in ("auto", "gloo", "nccl"), "{dist_backend} must be auto, gloo or nccl"),
             (
                 all(v is None or v >= 1 for v in (self.speed_batch_size, self.speed_iters)),
-                "--speed_batch_size and --speed_iters must be >= 1",
+                "{speed_batch_size} and {speed_iters} must be >= 1",
             ),
-            (self.log_freq >= 1, "--log_freq must be >= 1"),
-            (not (self.eval and self.test_speed), "--eval and --test_speed cannot be combined; run them separately"),
+            (self.log_freq >= 1, "{log_freq} must be >= 1"),
+            (not (self.eval and self.test_speed), "{eval} and {test_speed} cannot be combined; run them separately"),
             (
                 not (self.mixup_active and self.batch_size % 2),
-                f"mixup/cutmix needs an even --batch_size, got {self.batch_size} (or pass --mixup 0 --cutmix 0)",
+                "mixup/cutmix needs an even {batch_size}, got {batch_size_value} (or pass {mixup} 0 {cutmix} 0)",
             ),
         ]
+        values = {"device_value": self.device, "batch_size_value": self.batch_size}
         for ok, msg in checks:
             if not ok:
-                raise UserError(msg)
+                raise ArgumentError(msg, **values)
         if not all(isinstance(k, str) for k in self.model_kwargs):
-            raise UserError("--model_kwargs keys must be strings")
+            raise ArgumentError("{model_kwargs} keys must be strings")
 
     # ---- derived values ---------------------------------------------------------------------
     @property
@@ -352,39 +356,39 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
-        raise UserError(f"--{name} needs a value")
+        raise ArgumentError("{" + name + "} needs a value")
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     origin = typing.get_origin(base) or base
     if origin is bool:
         if not isinstance(value, bool):
-            raise UserError(f"--{name} must be true or false, got {value!r}")
+            raise ArgumentError("{" + name + "} must be true or false, got {value!r}", value=value)
         return value
     if origin is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"--{name} must be an integer, got {value!r}")
+            raise ArgumentError("{" + name + "} must be an integer, got {value!r}", value=value)
         return value
     if origin is float:
         if isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                raise UserError(f"--{name} must be a number, got {value!r}") from None
+                raise ArgumentError("{" + name + "} must be a number, got {value!r}", value=value) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"--{name} must be a number, got {value!r}")
+            raise ArgumentError("{" + name + "} must be a number, got {value!r}", value=value)
         return float(value)
     if origin is str:
         if not isinstance(value, str):
-            raise UserError(f"--{name} must be a string, got {value!r}")
+            raise ArgumentError("{" + name + "} must be a string, got {value!r}", value=value)
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):
-            raise UserError(f"--{name} must be a list of numbers, got {value!r}")
+            raise ArgumentError("{" + name + "} must be a list of numbers, got {value!r}", value=value)
         return [float(v) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"--{name} must be a mapping, got {value!r}")
+            raise ArgumentError("{" + name + "} must be a mapping, got {value!r}", value=value)
         return dict(value)
     return value

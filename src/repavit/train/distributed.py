@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 
 __all__ = [
     "DistEnv",
@@ -88,7 +88,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but no CUDA GPU is available (use --device cpu)")
+            raise ArgumentError("{device} cuda was requested but no CUDA GPU is available (use {device} cpu)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)

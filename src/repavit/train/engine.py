@@ -15,7 +15,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from .distributed import DistEnv, all_reduce_max, all_reduce_sum
 from .progress import Progress
 
@@ -35,7 +35,7 @@ class Precision:
         if mode == "auto":
             mode = "fp16" if device.type == "cuda" else "off"
         if mode == "fp16" and device.type != "cuda":
-            raise UserError(f"--amp fp16 needs a CUDA device, not {device.type}; use --amp bf16 or --amp off")
+            raise ArgumentError("{amp} fp16 needs a CUDA device, not {v0}; use {amp} bf16 or {amp} off", v0=device.type)
         self.mode, self.device = mode, device
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
         self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
@@ -71,9 +71,12 @@ def _check_step(value: float, signum: int, env: DistEnv, epoch: int, step: int, 
     """
     bad, signum = all_reduce_max([float(not math.isfinite(value)), float(signum)], env)
     if bad:
-        raise UserError(
-            f"loss is not finite at epoch {epoch + 1}, step {step + 1}/{steps}: training diverged "
-            "(lower --lr or set --clip_grad)"
+        raise ArgumentError(
+            "loss is not finite at epoch {epoch}, step {step}/{steps}: training diverged "
+            "(lower {lr} or set {clip_grad})",
+            epoch=epoch + 1,
+            step=step + 1,
+            steps=steps,
         )
     return int(signum)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..measure import count_gmacs, count_params, interleaved_throughput
 from ..models import Checkpoint, foldable, open_checkpoint, reparameterize_model
 from ..utils import write_json
@@ -97,7 +97,7 @@ def _open_resume(cfg: TrainConfig) -> tuple[TrainConfig, Checkpoint | None, Any]
     if not cfg.resume:
         return cfg, None, None
     if cfg.resume == "auto":
-        raise UserError("--resume auto continues a training run; --eval and --test_speed need a checkpoint path")
+        raise ArgumentError("{resume} auto continues a training run; {eval} and {test_speed} need a checkpoint path")
     ckpt = open_checkpoint(cfg.resume)
     cfg, settings = settings_from_checkpoint(cfg, ckpt)
     return cfg, ckpt, settings
@@ -136,7 +136,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         cfg, ckpt, settings = _open_resume(cfg)
         check_model_name(cfg)
         if cfg.sync_bn and env.device.type != "cuda":
-            raise UserError("--sync_bn needs CUDA: torch's SyncBatchNorm does not run on CPU (drop --sync_bn)")
+            raise ArgumentError("{sync_bn} needs CUDA: torch's SyncBatchNorm does not run on CPU (drop {sync_bn})")
         if cfg.sync_bn and not env.distributed:
             _logger.warning("--sync_bn has no effect in a single process (there is nothing to synchronize)")
         trainer = Trainer(cfg, env, ckpt, settings, run_dir, say)
@@ -172,7 +172,7 @@ def _claim_output(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, RunDir |
     else; every process learns the decision (or the error) of the main one."""
     if not cfg.output_dir:
         if cfg.resume == "auto":
-            raise UserError("--resume auto continues the run in --output_dir: give --output_dir")
+            raise ArgumentError("{resume} auto continues the run in {output_dir}: give {output_dir}")
         if env.is_main:
             _logger.warning("no --output_dir: nothing will be saved (no checkpoint, log or summary)")
         return cfg, None
@@ -305,7 +305,7 @@ def _speed_size(cfg: TrainConfig, env: DistEnv, forms: dict[str, nn.Module]) -> 
 def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer, ckpt: Checkpoint | None) -> dict[str, Any]:
     training_form = ckpt is None or ckpt.form != "fused"
     if not training_form and not cfg.reparam:
-        raise UserError(f"{ckpt.name} holds reparameterized weights: add --reparam to time them")
+        raise ArgumentError("{v0} holds reparameterized weights: add {reparam} to time them", v0=ckpt.name)
     model = build_model(cfg, cfg.nb_classes or 1000, checkpoint=ckpt, reparameterized=not training_form)
     model = model.to(env.device).eval()
     forms: dict[str, nn.Module] = {"train": model} if training_form else {"reparam": model}

@@ -25,7 +25,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..models import read_checkpoint
 
 __all__ = ["RUN_FILES", "RunDir"]
@@ -63,7 +63,7 @@ class RunDir:
     def lock(self) -> None:
         """Create the folder if needed and lock it; a folder locked by another run is a :class:`UserError`."""
         if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--output_dir {self.path} is a file, not a folder")
+            raise ArgumentError("{output_dir} {v0} is a file, not a folder", v0=self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         lock_path = self.path / LOCK_NAME
         for _ in range(10):
@@ -86,7 +86,7 @@ class RunDir:
                 break
             f.close()
         else:
-            raise UserError(f"could not lock --output_dir {self.path}: its lock file keeps changing")
+            raise ArgumentError("could not lock {output_dir} {v0}: its lock file keeps changing", v0=self.path)
         self._lock_file = f  # from here unlock() releases it, whatever fails next
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         f.seek(0)
@@ -175,7 +175,7 @@ class RunDir:
         """
         inside = bool(resume) and resume != "auto" and Path(resume).resolve().parent == self.path.resolve()
         if overwrite and (resume == "auto" or inside):
-            raise UserError("--overwrite replaces the run in --output_dir; it cannot be combined with resuming it")
+            raise ArgumentError("{overwrite} replaces the run in {output_dir}; it cannot be combined with resuming it")
         if resume == "auto":
             latest = self.latest_checkpoint()
             if latest is None and self.run_files():

@@ -12,7 +12,7 @@ import os
 import random
 from typing import Any
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 
 __all__ = ["WandbRun", "check_wandb_env", "project_name"]
 
@@ -24,7 +24,7 @@ def check_wandb_env() -> str:
     """Return ``WANDB_MODE``, or raise a one-line error when it is missing or unknown."""
     mode = os.environ.get("WANDB_MODE")
     if not mode:
-        raise UserError("--wandb needs WANDB_MODE=online or WANDB_MODE=offline in the environment")
+        raise ArgumentError("{wandb} needs WANDB_MODE=online or WANDB_MODE=offline in the environment")
     if mode not in MODES:
         raise UserError(f"WANDB_MODE={mode!r} is not one of {', '.join(MODES)}")
     return mode
@@ -45,7 +45,7 @@ class WandbRun:
         try:
             import wandb
         except ModuleNotFoundError:
-            raise UserError("--wandb needs the wandb package: pip install 'repavit[wandb]'") from None
+            raise ArgumentError("{wandb} needs the wandb package: pip install 'repavit[wandb]'") from None
         self.project = project_name(model, suffix)
         name = f"{model}_{random.SystemRandom().randint(0, 9999):04d}_{datetime.date.today()}"
         kwargs: dict[str, Any] = {"project": self.project, "name": name, "config": config, "mode": mode}

@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 
 from ..data import dataset_classes
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from ..models import (
     Checkpoint,
     fold_refusal,
@@ -189,7 +189,9 @@ class Trainer:
         # every epoch done but the run not finished (stopped or killed in its final steps): finish it
         self.finish_only = self.start_epoch >= cfg.epochs and self._unfinished_here()
         if self.start_epoch >= cfg.epochs and not self.finish_only:
-            raise UserError(f"nothing to train: the run is at epoch {self.start_epoch} and --epochs is {cfg.epochs}")
+            raise ArgumentError(
+                "nothing to train: the run is at epoch {v0} and {epochs} is {v1}", v0=self.start_epoch, v1=cfg.epochs
+            )
         self.scheduler.step_update(
             self.start_epoch * self.updates_per_epoch + self.start_step // cfg.accumulation_steps
         )
