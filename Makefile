@@ -15,14 +15,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
-# The whole suite, slow tests (models over 100M parameters) included: this is what CI runs.
+# The whole suite, slow tests (big models, subprocesses) included: this is what CI runs.
 test: lint
 	$(PY) -m pytest -q
 

@@ -187,3 +187,19 @@ def test_pos_embed_resampled_for_other_image_size(x):
     assert model.pos_embed.shape == (1, 577, 192)
     with torch.no_grad():
         assert torch.isfinite(model(torch.nn.functional.interpolate(x, size=384))).all()
+
+
+def test_golden_files_are_the_recorded_ones():
+    """Every file under tests/data has the digest recorded in SHA256SUMS (see tests/data/README.md)."""
+    import hashlib
+
+    from golden import DATA
+
+    listed = {}
+    for line in (DATA / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        listed[name] = digest
+    present = {p.relative_to(DATA).as_posix() for p in DATA.rglob("*") if p.suffix in (".pt", ".tsv")}
+    assert present == set(listed), "a golden file was added or removed without its SHA256SUMS line"
+    for name, digest in listed.items():
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, f"{name} changed"

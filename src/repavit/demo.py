@@ -210,7 +210,7 @@ def _plot(report: dict[str, Any], out: Path) -> list[Path]:
     return [curves, speed]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m repavit.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -226,51 +226,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--speed-batch-size", type=int, default=256, help="batch of the speed measurement")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    return p
 
-    from .measure import machine_info
-    from .train import TrainConfig, evaluate_checkpoint, fit, speed_test
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    data = out / "digits"
-    counts = write_digits(data, size=RECIPE["input_size"], seed=args.seed)
-    print(f"wrote {counts['train']} training and {counts['val']} validation digit images to {data}", flush=True)
+def _run(cfg: Any, quick: bool, speed_batch_size: int) -> dict[str, Any]:
+    """Train, evaluate both forms and the EMA, compare logits, time both forms."""
+    from .train import evaluate_checkpoint, fit, speed_test
 
-    epochs = 3 if args.quick else args.epochs
-    run_dir = out / "run"
-    # the demo's own folder: each `make demo` replaces the previous demo's run
-    cfg = TrainConfig(
-        **RECIPE, epochs=epochs, seed=args.seed, data_path=str(data), output_dir=str(run_dir), overwrite=True
-    )
-    cfg.save_freq = epochs + 1  # keep checkpoint.pth and best_checkpoint.pth only
     t_train = time.perf_counter()
     summary = fit(cfg)
     train_s = time.perf_counter() - t_train
-    ckpt = run_dir / "checkpoint.pth"
-
+    ckpt = Path(cfg.output_dir) / "checkpoint.pth"
     ev = dataclasses.replace(cfg, eval=True, resume=str(ckpt), overwrite=False)
-    plain = evaluate_checkpoint(ev)
-    fused = evaluate_checkpoint(dataclasses.replace(ev, reparam=True))
-    ema = evaluate_checkpoint(dataclasses.replace(ev, eval_ema=True))
-    forms = _compare_forms(cfg, ckpt, num_classes=10)
     speed_cfg = dataclasses.replace(
         cfg,
         test_speed=True,
         resume=str(ckpt),
         reparam=True,
-        speed_batch_size=args.speed_batch_size,
-        speed_iters=3 if args.quick else 20,
+        speed_batch_size=speed_batch_size,
+        speed_iters=3 if quick else 20,
     )
-    speed = speed_test(speed_cfg)
+    return {
+        "summary": summary,
+        "train_s": train_s,
+        "plain": evaluate_checkpoint(ev),
+        "fused": evaluate_checkpoint(dataclasses.replace(ev, reparam=True)),
+        "ema": evaluate_checkpoint(dataclasses.replace(ev, eval_ema=True)),
+        "forms": _compare_forms(cfg, ckpt, num_classes=10),
+        "speed": speed_test(speed_cfg),
+    }
 
-    history = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
-    history = [row for row in history if "event" not in row]
-    report: dict[str, Any] = {
+
+def _report(cfg: Any, data: Path, counts: dict[str, int], r: dict[str, Any]) -> dict[str, Any]:
+    from .measure import machine_info
+
+    history = [json.loads(line) for line in (Path(cfg.output_dir) / "log.txt").read_text().splitlines()]
+    metrics = ("acc1", "acc5", "loss")
+    plain, fused, speed = r["plain"], r["fused"], r["speed"]
+    return {
         "dataset": {
             "name": "scikit-learn digits (load_digits), 8x8 scans upscaled to 32x32 RGB PNG",
             "folder": str(data),
@@ -281,17 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         },
         "model": {"name": cfg.model, "kwargs": MODEL_KWARGS, "idle_ratio": cfg.idle_ratio},
         "command": _cli_equivalent(cfg),
-        "epochs": epochs,
-        "train_time_s": train_s,
-        "history": history,
+        "epochs": cfg.epochs,
+        "train_time_s": r["train_s"],
+        "history": [row for row in history if "event" not in row],
         "accuracy": {
-            "training_form": {k: plain[k] for k in ("acc1", "acc5", "loss")},
-            "reparameterized": {k: fused[k] for k in ("acc1", "acc5", "loss")},
-            "ema": {k: ema[k] for k in ("acc1", "acc5", "loss")},
+            "training_form": {k: plain[k] for k in metrics},
+            "reparameterized": {k: fused[k] for k in metrics},
+            "ema": {k: r["ema"][k] for k in metrics},
             "identical_after_reparam": plain["acc1"] == fused["acc1"] and plain["acc5"] == fused["acc5"],
-            "best_top1_during_training": summary["max_accuracy"],
+            "best_top1_during_training": r["summary"]["max_accuracy"],
         },
-        "logits": forms,
+        "logits": r["forms"],
         "complexity": speed["complexity"],
         "speed": {
             "device": speed["device"],
@@ -304,26 +297,53 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
         "total_time_s": None,
     }
-    plots = _plot(report, out)
-    report["plots"] = [p.name for p in plots]
-    report["total_time_s"] = time.perf_counter() - t0
-    write_json(out / "report.json", report)
 
-    acc = report["accuracy"]
+
+def _print_summary(report: dict[str, Any], out: Path, plots: list[Path]) -> None:
+    acc, forms, cx = report["accuracy"], report["logits"], report["complexity"]
     print()
-    print(f"digits, {epochs} epochs in {train_s:.0f} s: top-1 {acc['training_form']['acc1']:.2f}% (chance 10%)")
+    print(
+        f"digits, {report['epochs']} epochs in {report['train_time_s']:.0f} s: "
+        f"top-1 {acc['training_form']['acc1']:.2f}% (chance 10%)"
+    )
     print(
         f"reparameterized: top-1 {acc['reparameterized']['acc1']:.2f}% "
         f"({'identical' if acc['identical_after_reparam'] else 'NOT identical'}; max |logit diff| "
         f"{forms['max_abs_logit_diff']:.2e}); EMA top-1 {acc['ema']['acc1']:.2f}%"
     )
-    cx = report["complexity"]
     print(
         f"params {cx['train']['params_m']:.3f} M -> {cx['reparam']['params_m']:.3f} M, "
         f"GMACs {cx['train']['gmacs']:.4f} -> {cx['reparam']['gmacs']:.4f}, "
         f"speed-up {report['speed']['speedup']:.2f}x on {report['speed']['device']}"
     )
     print(f"report: {out / 'report.json'} (plots: {', '.join(str(p) for p in plots)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from .train import TrainConfig
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = out / "digits"
+    counts = write_digits(data, size=RECIPE["input_size"], seed=args.seed)
+    print(f"wrote {counts['train']} training and {counts['val']} validation digit images to {data}", flush=True)
+    epochs = 3 if args.quick else args.epochs
+    # the demo's own folder: each `make demo` replaces the previous demo's run
+    cfg = TrainConfig(
+        **RECIPE, epochs=epochs, seed=args.seed, data_path=str(data), output_dir=str(out / "run"), overwrite=True
+    )
+    cfg.save_freq = epochs + 1  # keep checkpoint.pth and best_checkpoint.pth only
+    report = _report(cfg, data, counts, _run(cfg, args.quick, args.speed_batch_size))
+    plots = _plot(report, out)
+    report["plots"] = [p.name for p in plots]
+    report["total_time_s"] = time.perf_counter() - t0
+    write_json(out / "report.json", report)
+    _print_summary(report, out, plots)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..layers.idle_mlp import FEATURE_NORMS, HEURISTIC_CHOICES
 
 
 def add_source_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
@@ -28,8 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--model", default=None, help="registered model name, e.g. RePaViT_Base")
     g.add_argument("--idle-ratio", type=float, default=None, help="share of FFN hidden channels that skip GELU")
-    g.add_argument("--feature-norm", choices=["BatchNorm", "LayerNorm"], default=None)
-    g.add_argument("--heuristic", choices=["static", "linear"], default=None, help="per-block idle ratio schedule")
+    g.add_argument("--feature-norm", choices=FEATURE_NORMS, default=None)
+    g.add_argument(
+        "--heuristic", choices=HEURISTIC_CHOICES, default=None, help="per-block idle ratios ('none': static)"
+    )
     idle = g.add_mutually_exclusive_group()
     idle.add_argument(
         "--channel-idle", dest="channel_idle", action="store_true", default=None, help="channel-idle FFNs (the default)"
@@ -37,14 +40,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     idle.add_argument(
         "--no-channel-idle", dest="channel_idle", action="store_false", default=None, help="plain FFNs (no idling)"
     )
-    g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--img-size", type=int, default=None)
+    g.add_argument("--num-classes", "--nb_classes", type=int, default=None)
+    g.add_argument("--img-size", "--input_size", type=int, default=None)
     g.add_argument(
         "--model-arg",
-        action="append",
+        "--model_kwargs",
+        dest="model_arg",
+        nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="any other model argument (YAML value), e.g. --model-arg depth=2; repeatable",
+        help="other model arguments (YAML values), e.g. --model-arg depth=2 embed_dim=64; repeatable",
     )
     g.add_argument("--use-ema", action="store_true", help="take the EMA weights (model_ema) of a training checkpoint")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..errors import ArgumentError, UserError
 
-__all__ = ["Parser", "dashed_flag", "run_command", "seed_flag"]
+__all__ = ["Parser", "add_spelling_aliases", "dashed_flag", "run_command", "seed_flag"]
 
 # File-system errors that come from what the user asked for (paths, permissions, space), not from bugs.
 USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
@@ -43,6 +43,27 @@ def dashed_flag(key: str) -> str:
 def seed_flag(key: str) -> str:
     """How train/eval/speed and ``main.py`` spell it: the authors' underscores (``--idle_ratio``)."""
     return "--" + _SEED_RENAMED.get(key, key)
+
+
+def add_spelling_aliases(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every ``--long-option`` its other spelling (``--idle-ratio`` <-> ``--idle_ratio``), in every subcommand.
+
+    One vocabulary: the seed README's underscore flags and the dash spellings work everywhere, with the
+    same meaning. The parser and its sub-parsers are changed in place; returns ``parser``.
+    """
+    for action in parser._actions:
+        for opt in list(action.option_strings):
+            if not opt.startswith("--"):
+                continue
+            body = opt[2:]
+            for other in ("--" + body.replace("-", "_"), "--" + body.replace("_", "-")):
+                if other != opt and other not in parser._option_string_actions:
+                    action.option_strings.append(other)
+                    parser._option_string_actions[other] = action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                add_spelling_aliases(sub)
+    return parser
 
 
 def _os_message(e: OSError) -> str:

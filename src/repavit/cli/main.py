@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ._run import Parser, run_command
+from ._run import Parser, add_spelling_aliases, run_command
 
 # Subcommand modules under repavit.cli, in the order `repavit --help` lists them.
 COMMANDS = ["bench", "train", "convert", "reparam", "export", "push_to_hub", "predict", "rocksdb", "bench_data"]
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"repavit.cli.{name}").register(sub)
-    return parser
+    return add_spelling_aliases(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

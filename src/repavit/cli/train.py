@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..train.config import GROUPS, TrainConfig, config_fields, load_yaml
-from ._run import Parser, run_command, seed_flag
+from ._run import Parser, add_spelling_aliases, run_command, seed_flag
 
 __all__ = ["add_config_arguments", "build_seed_parser", "config_from_args", "register", "run", "seed_main"]
 
@@ -75,7 +75,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif origin is list:
             g.add_argument(*flags, nargs="+", type=float, metavar="X", **kw)
         elif origin is dict:
-            g.add_argument(*flags, nargs="+", type=_key_value, metavar="KEY=VALUE", **kw)
+            g.add_argument(*flags, nargs="+", action="extend", type=_key_value, metavar="KEY=VALUE", **kw)
         else:
             choices = meta.get("choices")
             g.add_argument(*flags, type=origin, choices=choices, metavar=None if choices else f.name.upper(), **kw)
@@ -121,7 +121,7 @@ def build_seed_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; show tracebacks")
     add_config_arguments(p)
     p.set_defaults(_flag_name=seed_flag)
-    return p
+    return add_spelling_aliases(p)
 
 
 def seed_main(argv: Sequence[str] | None = None) -> int:

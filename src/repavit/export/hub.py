@@ -130,56 +130,15 @@ def model_card(
     ImageNet-1k tag; any other model is described by its own settings, classes and the accuracy its
     training run recorded (``metrics``).
     """
-    args = record.model_args
-    form = "reparameterized (deploy) form" if record.reparameterized else "training form"
-    settings = ", ".join(f"`{k}={args[k]!r}`" for k in FFN_ARGS if k in args)
     load_name = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in numbers.items())
-    if released is not None:
-        whose = f"the authors' released {released.names[0]} weights"
-    elif release_like is not None:
-        whose = (
-            f"unverified: the source file recorded no settings and is shaped like the authors' released "
-            f"{release_like.names[0]} weights, whose settings were assumed"
-        )
-    else:
-        whose = "not the authors' release"
-    front = [
-        "---",
-        "tags:",
-        "- image-classification",
-        "- timm",
-        "- repavit",
-        "library_name: timm",
-        "license: apache-2.0",
-    ]
-    if released is not None:
-        front += ["datasets:", "- imagenet-1k"]
+    front = ["---", "tags:", "- image-classification", "- timm", "- repavit", "library_name: timm"]
+    front += ["license: apache-2.0", *(["datasets:", "- imagenet-1k"] if released is not None else []), "---"]
     lines = [
         *front,
-        "---",
         f"# {repo_id or record.model_name}",
         "",
-        f"`{record.model_name}` in its {form}: a RePaViT (ICML 2025) model whose channel-idle FFNs "
-        + (
-            "have been folded into three matrices; it cannot be trained further."
-            if record.reparameterized
-            else "fold into three matrices for inference (`repavit.reparameterize_model`)."
-        ),
-        "",
-        f"- Weights: {whose}",
-        f"- Model: {record.describe()}",
-        f"- Model settings: {settings}" if settings else "- Model settings: defaults",
-        f"- Model arguments: `{json.dumps(dict(args))}`",
-        *(
-            ["- Classes: the 1000 ImageNet-1k classes"]
-            if released
-            else _class_lines(record.class_names, args.get("num_classes"))
-        ),
-        *_accuracy_lines(metrics or {}, released),
-        *[f"- Assumed (the source file did not record it): {a}" for a in assumptions or []],
-        "- Paper: https://arxiv.org/abs/2505.21847",
-        "- Original code: https://github.com/Ackesnal/RePaViT",
+        *_about_lines(record, metrics, released, assumptions, release_like),
         "",
         "## Measured at export",
         "",
@@ -207,6 +166,51 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _about_lines(
+    record: ModelRecord,
+    metrics: Mapping[str, Any] | None,
+    released: ReleasedWeights | None,
+    assumptions: list[str] | None,
+    release_like: ReleasedWeights | None,
+) -> list[str]:
+    """The card's description: what the model is, whose weights, its settings, classes and accuracy."""
+    args = record.model_args
+    form = "reparameterized (deploy) form" if record.reparameterized else "training form"
+    settings = ", ".join(f"`{k}={args[k]!r}`" for k in FFN_ARGS if k in args)
+    if released is not None:
+        whose = f"the authors' released {released.names[0]} weights"
+    elif release_like is not None:
+        whose = (
+            f"unverified: the source file recorded no settings and is shaped like the authors' released "
+            f"{release_like.names[0]} weights, whose settings were assumed"
+        )
+    else:
+        whose = "not the authors' release"
+    fold = (
+        "have been folded into three matrices; it cannot be trained further."
+        if record.reparameterized
+        else "fold into three matrices for inference (`repavit.reparameterize_model`)."
+    )
+    classes = (
+        ["- Classes: the 1000 ImageNet-1k classes"]
+        if released
+        else _class_lines(record.class_names, args.get("num_classes"))
+    )
+    return [
+        f"`{record.model_name}` in its {form}: a RePaViT (ICML 2025) model whose channel-idle FFNs {fold}",
+        "",
+        f"- Weights: {whose}",
+        f"- Model: {record.describe()}",
+        f"- Model settings: {settings}" if settings else "- Model settings: defaults",
+        f"- Model arguments: `{json.dumps(dict(args))}`",
+        *classes,
+        *_accuracy_lines(metrics or {}, released),
+        *[f"- Assumed (the source file did not record it): {a}" for a in assumptions or []],
+        "- Paper: https://arxiv.org/abs/2505.21847",
+        "- Original code: https://github.com/Ackesnal/RePaViT",
+    ]
 
 
 def save_hub_folder(

@@ -30,6 +30,7 @@ from .idle_mlp import (
     channel_group_batch_norm,
     check_feature_norm,
     check_idle_ratio,
+    layernorm_fold_error,
 )
 
 __all__ = ["ChannelIdleConvMlp", "FusedIdleConvMlp"]
@@ -124,10 +125,7 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
     def fold(self) -> FoldedIdleFFN:
         """Fold BN1, BN2, the idle path, the layer scale and the residual (float64, running statistics)."""
         if self.feature_norm != "BatchNorm":
-            raise UserError(
-                "cannot reparameterize an FFN with feature_norm='LayerNorm': LayerNorm normalizes each pixel "
-                "by its own statistics, which no fixed matrix can absorb; use feature_norm='BatchNorm'"
-            )
+            raise layernorm_fold_error("an FFN")
         return fold_idle_ffn(
             self.fc1.weight.flatten(1),
             self.fc1.bias,

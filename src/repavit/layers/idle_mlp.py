@@ -27,13 +27,45 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 
 FEATURE_NORMS = ("BatchNorm", "LayerNorm")
 HEURISTICS = ("static", "linear")
-# The authors' code treats these the same as "static".
+# What every front end accepts for ``heuristic``: the two schedules, and the authors' "none" (= static).
+HEURISTIC_CHOICES = (*HEURISTICS, "none")
 _STATIC_ALIASES = ("none", "")
+# Why a LayerNorm FFN has no fused form (every refusal to fold one says this).
+LAYERNORM_CANNOT_FOLD = "LayerNorm normalizes each token by its own statistics, which no fixed matrix can absorb"
+
+
+def canonical_heuristic(heuristic: str) -> str:
+    """``"static"`` or ``"linear"``; the authors' ``"none"`` and ``""`` mean ``"static"``."""
+    if heuristic in _STATIC_ALIASES:
+        return "static"
+    if heuristic not in HEURISTICS:
+        raise UserError(f"unknown heuristic {heuristic!r}; expected one of {', '.join(HEURISTICS)}")
+    return heuristic
+
+
+def check_static_heuristic(heuristic: str, family: str) -> str:
+    """Accept only the constant idle-ratio schedule (``"static"``, or the authors' aliases ``"none"``/``""``).
+
+    The per-block ``"linear"`` schedule exists for RePaViT only; the authors' other families ignore
+    the argument, which would silently train a different model than asked for.
+    """
+    if canonical_heuristic(heuristic) == "static":
+        return "static"
+    raise UserError(f"{family} supports only heuristic='static' (a constant idle ratio), got {heuristic!r}")
+
+
+def layernorm_fold_error(what: str) -> ArgumentError:
+    """The one refusal to fold ``what`` (``"an FFN"``, ``"a model"``) built with LayerNorm FFNs."""
+    return ArgumentError(
+        "cannot reparameterize {what} with {feature_norm}='LayerNorm': {why}; train it with {feature_norm}='BatchNorm'",
+        what=what,
+        why=LAYERNORM_CANNOT_FOLD,
+    )
 
 
 def check_idle_ratio(idle_ratio: float) -> float:
@@ -71,10 +103,7 @@ def idle_ratios_for_depth(idle_ratio: float, depth: int, heuristic: str = "stati
     activated (ratio 0). Values below 0 (``r < 0.5``) are clamped to 0.
     """
     r = check_idle_ratio(idle_ratio)
-    if heuristic in _STATIC_ALIASES:
-        heuristic = "static"
-    if heuristic not in HEURISTICS:
-        raise UserError(f"unknown heuristic {heuristic!r}; expected one of {', '.join(HEURISTICS)}")
+    heuristic = canonical_heuristic(heuristic)
     if heuristic == "static" or depth == 1:
         return [r] * depth
     ratios = [(2 * r - 1) + (2 - 2 * r) / (depth - 1) * (i + 1) for i in range(depth - 1)] + [0.0]
@@ -183,11 +212,7 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
     def fold(self, layer_scale: Tensor | None = None) -> FoldedIdleFFN:
         """Fold BN1, BN2, the idle path and the residual (float64). Uses running statistics."""
         if self.feature_norm != "BatchNorm":
-            raise UserError(
-                "cannot reparameterize an FFN with feature_norm='LayerNorm': LayerNorm normalizes each token "
-                "by its own statistics, which no fixed matrix can absorb; build and train the model with "
-                "feature_norm='BatchNorm'"
-            )
+            raise layernorm_fold_error("an FFN")
         return fold_idle_ffn(
             self.fc1.weight,
             self.fc1.bias,

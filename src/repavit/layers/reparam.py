@@ -8,9 +8,17 @@ import torch
 
 from ..errors import UserError
 from .idle_conv_mlp import FusedIdleConvMlp
-from .idle_mlp import FusedIdleMlp, reparameterize_module
+from .idle_mlp import (
+    LAYERNORM_CANNOT_FOLD,
+    FusedIdleMlp,
+    check_feature_norm,
+    check_idle_ratio,
+    check_static_heuristic,
+    layernorm_fold_error,
+    reparameterize_module,
+)
 
-__all__ = ["FUSED_TYPES", "ReparamMixin", "check_reparameterizable", "check_static_heuristic", "take_indices"]
+__all__ = ["FUSED_TYPES", "ReparamMixin", "check_ffn_settings", "check_reparameterizable"]
 
 FUSED_TYPES = (FusedIdleMlp, FusedIdleConvMlp)
 
@@ -54,10 +62,7 @@ class ReparamMixin:
     def reparameterize(self):
         """Fold every FFN in place (idempotent) and switch to eval mode. Returns ``self``."""
         if self.feature_norm != "BatchNorm":
-            raise UserError(
-                "cannot reparameterize a feature_norm='LayerNorm' model: LayerNorm normalizes each token by its "
-                "own statistics, which no fixed matrix can absorb; train with feature_norm='BatchNorm'"
-            )
+            raise layernorm_fold_error("a model")
         self.eval()
         reparameterize_module(self)
         return self
@@ -66,38 +71,18 @@ class ReparamMixin:
 def check_reparameterizable(feature_norm: str, reparameterized: bool) -> None:
     """Refuse ``reparameterized=True`` for a LayerNorm model (it has no fused form)."""
     if reparameterized and feature_norm != "BatchNorm":
-        raise UserError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
+        raise UserError(f"reparameterized=True needs feature_norm='BatchNorm': {LAYERNORM_CANNOT_FOLD}")
 
 
-def take_indices(num: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
-    """Absolute feature indices to return, and the largest (timm's ``feature_take_indices`` convention).
+def check_ffn_settings(
+    feature_norm: str, idle_ratio: float, reparameterized: bool, heuristic: str | None = None, family: str = ""
+) -> str | None:
+    """Validate a model's FFN settings (one-line errors); return the heuristic as stored (``"static"``).
 
-    ``None``: all ``num``; an int ``n``: the last ``n``; a sequence: those indices (negative count from the end).
+    ``heuristic=None``: the family has per-block schedules of its own (RePaViT checks it itself);
+    otherwise only the constant schedule is accepted (see :func:`check_static_heuristic`).
     """
-    if indices is None:
-        indices = num
-    if isinstance(indices, int):
-        if not 0 < indices <= num:
-            raise UserError(f"cannot take the last {indices} features: expected 1 to {num}")
-        taken = list(range(num - indices, num))
-    else:
-        taken = []
-        for i in indices:
-            idx = num + i if i < 0 else i
-            if not 0 <= idx < num:
-                raise UserError(f"feature index {i} is out of range: expected -{num} to {num - 1}")
-            taken.append(idx)
-        if not taken:
-            raise UserError("no feature indices given: expected at least one")
-    return taken, max(taken)
-
-
-def check_static_heuristic(heuristic: str, family: str) -> str:
-    """Accept only the constant idle-ratio schedule (``"static"``, or the authors' aliases ``"none"``/``""``).
-
-    The per-block ``"linear"`` schedule exists for RePaViT only; the authors' other families ignore
-    the argument, which would silently train a different model than asked for.
-    """
-    if heuristic in ("static", "none", ""):
-        return "static"
-    raise UserError(f"{family} supports only heuristic='static' (a constant idle ratio), got {heuristic!r}")
+    check_feature_norm(feature_norm)
+    check_idle_ratio(idle_ratio)
+    check_reparameterizable(feature_norm, reparameterized)
+    return None if heuristic is None else check_static_heuristic(heuristic, family)

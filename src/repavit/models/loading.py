@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, UserError
 from ..layers.ffn_state import ffn_modules
-from ..layers.idle_mlp import active_channels, idle_ratios_for_depth, reparameterize_module
+from ..layers.idle_mlp import LAYERNORM_CANNOT_FOLD, active_channels, idle_ratios_for_depth, reparameterize_module
 from ._pretrained import ReleasedWeights, released_weights
 from ._registry import ARCHITECTURE, identify_variant, same_architecture
 from .checkpoint import Checkpoint, load_checkpoint, open_checkpoint, state_feature_norm, state_form
@@ -73,7 +73,7 @@ def fold_refusal(model: nn.Module) -> str | None:
     if getattr(model, "reparameterized", False):
         return "it is already reparameterized"
     if getattr(model, "feature_norm", "BatchNorm") != "BatchNorm":
-        return "its FFNs use LayerNorm, which normalizes each token by its own statistics: no fixed matrix absorbs it"
+        return f"its FFNs use LayerNorm: {LAYERNORM_CANNOT_FOLD}"
     if not any(callable(getattr(m, "fuse", None)) for m in model.modules()):
         return "it has no channel-idle FFNs"
     return None

@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
+from ..layers.idle_mlp import HEURISTIC_CHOICES
 
 __all__ = [
     "FFN_ARGS",
@@ -68,6 +69,7 @@ RUNTIME_ARGS = frozenset(
         "no_jit",
     }
 )
+_STATIC_ALIASES = {"none": "static", "": "static"}  # the authors' spellings of the constant schedule
 _TRAINING_ONLY = ("drop_rate", "drop_path_rate", "attn_drop_rate", "pos_drop_rate", "proj_drop_rate")
 
 # How a setting is spelled in a message: ``spell("idle_ratio", 0.5) -> "--idle_ratio 0.5"``.
@@ -92,9 +94,8 @@ def same_setting(a: Any, b: Any) -> bool:
         return a is b or (a == b and type(a) is type(b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-    norm = {"none": "static", "": "static"}
     if isinstance(a, str) and isinstance(b, str):
-        return norm.get(a, a) == norm.get(b, b)
+        return _STATIC_ALIASES.get(a, a) == _STATIC_ALIASES.get(b, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
     return a == b
@@ -145,7 +146,7 @@ def check_settings(args: Mapping[str, Any]) -> None:
             raise bad("idle_ratio", "a number in [0, 1]")
     if "feature_norm" in args and args["feature_norm"] not in ("BatchNorm", "LayerNorm"):
         raise bad("feature_norm", "'BatchNorm' or 'LayerNorm'")
-    if "heuristic" in args and args["heuristic"] not in ("static", "linear", "none", ""):
+    if "heuristic" in args and args["heuristic"] not in (*HEURISTIC_CHOICES, ""):
         raise bad("heuristic", "'static' or 'linear'")
     if "num_classes" in args:
         n = args["num_classes"]

@@ -27,10 +27,15 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..layers.features import take_indices
 from ..layers.ffn_state import prepare_ffns
-from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
-from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
-from ._pretrained import build_model_with_cfg
+from ..layers.idle_mlp import (
+    ChannelIdleMlp,
+    FusedIdleMlp,
+    active_channels,
+)
+from ..layers.reparam import ReparamMixin, check_ffn_settings
+from ._pretrained import build_model_with_cfg, with_released_weights
 from ._registry import register_variants, repa_cfg
 from .record import CheckpointMismatchError
 
@@ -120,10 +125,7 @@ class RePaMlpMixer(ReparamMixin, nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
-        check_feature_norm(feature_norm)
-        check_idle_ratio(idle_ratio)
-        check_reparameterizable(feature_norm, reparameterized)
-        self.heuristic = check_static_heuristic(heuristic, "RePaMlpMixer")
+        self.heuristic = check_ffn_settings(feature_norm, idle_ratio, reparameterized, heuristic, "RePaMlpMixer")
         self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.channel_idle, self.idle_ratio, self.feature_norm = channel_idle, idle_ratio, feature_norm
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -335,7 +337,7 @@ ARCHS = {
 # The authors' names and the timm-style names, each mapped to a size.
 MODEL_NAMES = {f"RePaMlpMixer_{s}": s for s in ARCHS} | {f"repamixer_{s}_224": s for s in ARCHS}
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES})
+default_cfgs = generate_default_cfgs(with_released_weights({name: _cfg() for name in MODEL_NAMES}))
 
 
 def _create_repamlpmixer(variant: str, pretrained: bool = False, **kwargs) -> RePaMlpMixer:

@@ -24,11 +24,12 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..layers.features import take_indices
 from ..layers.ffn_state import ffn_forms, prepare_ffns
 from ..layers.idle_conv_mlp import ChannelIdleConvMlp, FusedIdleConvMlp
-from ..layers.idle_mlp import active_channels, check_feature_norm, check_idle_ratio
-from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
-from ._pretrained import build_model_with_cfg
+from ..layers.idle_mlp import active_channels
+from ..layers.reparam import ReparamMixin, check_ffn_settings
+from ._pretrained import build_model_with_cfg, with_released_weights
 from ._registry import register_variants, repa_cfg
 from .record import CheckpointMismatchError
 
@@ -154,10 +155,7 @@ class RePaPoolFormer(ReparamMixin, nn.Module):
             raise UserError(f"layers {tuple(layers)} and embed_dims {tuple(embed_dims)} need one entry per stage")
         if pool_size < 1 or pool_size % 2 == 0:
             raise UserError(f"pool_size must be an odd positive integer, got {pool_size}")
-        check_feature_norm(feature_norm)
-        check_idle_ratio(idle_ratio)
-        check_reparameterizable(feature_norm, reparameterized)
-        self.heuristic = check_static_heuristic(heuristic, "RePaPoolFormer")
+        self.heuristic = check_ffn_settings(feature_norm, idle_ratio, reparameterized, heuristic, "RePaPoolFormer")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.channel_idle, self.idle_ratio, self.feature_norm = channel_idle, idle_ratio, feature_norm
@@ -403,7 +401,7 @@ ARCHS = {
 # The authors' names and the timm-style names, each mapped to a size.
 MODEL_NAMES = {f"RePaPoolformer_{s}": s for s in ARCHS} | {f"repapoolformer_{s}": s for s in ARCHS}
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES})
+default_cfgs = generate_default_cfgs(with_released_weights({name: _cfg() for name in MODEL_NAMES}))
 
 
 def _create_repapoolformer(variant: str, pretrained: bool = False, **kwargs) -> RePaPoolFormer:

@@ -31,9 +31,14 @@ from timm.models import generate_default_cfgs, register_notrace_module
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..layers.features import take_indices
 from ..layers.ffn_state import prepare_ffns
-from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp, active_channels, check_feature_norm, check_idle_ratio
-from ..layers.reparam import ReparamMixin, check_reparameterizable, check_static_heuristic, take_indices
+from ..layers.idle_mlp import (
+    ChannelIdleMlp,
+    FusedIdleMlp,
+    active_channels,
+)
+from ..layers.reparam import ReparamMixin, check_ffn_settings
 from ._pretrained import build_model_with_cfg, with_released_weights
 from ._registry import register_variants, repa_cfg
 from .record import CheckpointMismatchError
@@ -332,10 +337,7 @@ class RePaSwin(ReparamMixin, nn.Module):
             raise UserError(f"unknown global_pool {global_pool!r}; expected 'avg' or ''")
         if len(depths) != len(num_heads):
             raise UserError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} need one entry per stage")
-        check_feature_norm(feature_norm)
-        check_idle_ratio(idle_ratio)
-        check_reparameterizable(feature_norm, reparameterized)
-        self.heuristic = check_static_heuristic(heuristic, "RePaSwin")
+        self.heuristic = check_ffn_settings(feature_norm, idle_ratio, reparameterized, heuristic, "RePaSwin")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes, self.global_pool, self.in_chans = num_classes, global_pool, in_chans
         self.output_fmt = "NHWC"  # forward_features gives (B, H, W, C), as timm's Swin declares (its wrappers read it)
@@ -359,27 +361,14 @@ class RePaSwin(ReparamMixin, nn.Module):
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear from 0
         res = (math.ceil(img_size[0] / patch_size), math.ceil(img_size[1] / patch_size))
+        ffn = dict(idle_ratio=idle_ratio, channel_idle=channel_idle, feature_norm=feature_norm)
+        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate, **ffn)
         stages = []
         for i in range(n):
-            stages.append(
-                SwinStage(
-                    embed_dim * 2**i,
-                    res,
-                    depths[i],
-                    num_heads[i],
-                    window_size,
-                    drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
-                    downsample=i < n - 1,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    idle_ratio=idle_ratio,
-                    channel_idle=channel_idle,
-                    feature_norm=feature_norm,
-                    proj_drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    reparameterized=reparameterized,
-                )
-            )
+            block_dpr = dpr[sum(depths[:i]) : sum(depths[: i + 1])]
+            stage = SwinStage(embed_dim * 2**i, res, depths[i], num_heads[i], window_size, drop_path=block_dpr,
+                              downsample=i < n - 1, reparameterized=reparameterized, **common)  # fmt: skip
+            stages.append(stage)
             res = (math.ceil(res[0] / 2), math.ceil(res[1] / 2))
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)

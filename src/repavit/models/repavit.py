@@ -21,16 +21,15 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..layers.attention import PreNormAttention
+from ..layers.features import take_indices
 from ..layers.ffn_state import prepare_ffns
 from ..layers.idle_mlp import (
     ChannelIdleMlp,
     FusedIdleMlp,
     active_channels,
-    check_feature_norm,
-    check_idle_ratio,
     idle_ratios_for_depth,
 )
-from ..layers.reparam import ReparamMixin, take_indices
+from ..layers.reparam import ReparamMixin, check_ffn_settings
 from ._pretrained import build_model_with_cfg, with_released_weights
 from ._registry import register_variants, repa_cfg
 from .record import CheckpointMismatchError
@@ -143,10 +142,7 @@ class RePaViT(ReparamMixin, nn.Module):
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise UserError(f"unknown global_pool {global_pool!r}; expected 'token', 'avg' or ''")
-        check_feature_norm(feature_norm)
-        check_idle_ratio(idle_ratio)
-        if reparameterized and feature_norm != "BatchNorm":
-            raise UserError("reparameterized=True needs feature_norm='BatchNorm': a LayerNorm FFN has no fused form")
+        check_ffn_settings(feature_norm, idle_ratio, reparameterized)
         self.num_classes, self.in_chans = num_classes, in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim

@@ -27,6 +27,7 @@ from ..data import (
 )
 from ..data.robust import RobustDataset, check_split
 from ..errors import ArgumentError, UserError
+from ..layers.idle_mlp import LAYERNORM_CANNOT_FOLD
 from ..models import Checkpoint, CheckpointMismatchError, Settings, load_model, resolve_settings
 from ..models import create_model as repa_create_model
 from ..models import is_repa_model as _is_repa_model
@@ -67,13 +68,14 @@ def check_model_name(cfg: TrainConfig) -> None:
         raise UserError(f"unknown model {cfg.model!r}; RePa models are: {names}")
     if cfg.reparam and not is_repa_model(cfg.model):
         raise ArgumentError("{reparam} applies to RePa models only; {v0} has no reparameterized form", v0=cfg.model)
-    ffn_flags = [f"--{k}" for k in ("channel_idle", "idle_ratio", "feature_norm", "heuristic") if k in cfg.given]
-    if ffn_flags and not is_repa_model(cfg.model):
-        raise UserError(f"{', '.join(ffn_flags)} applies to RePa models only; {cfg.model} has no channel-idle FFNs")
+    ffn = [f"{{{k}}}" for k in ("channel_idle", "idle_ratio", "feature_norm", "heuristic") if k in cfg.given]
+    if ffn and not is_repa_model(cfg.model):
+        raise ArgumentError(
+            ", ".join(ffn) + " applies to RePa models only; {name} has no channel-idle FFNs", name=cfg.model
+        )
     if cfg.reparam and cfg.feature_norm != "BatchNorm":
-        raise UserError(
-            f"--reparam needs --feature_norm=BatchNorm; this model has feature_norm={cfg.feature_norm}, whose "
-            "FFN LayerNorm cannot be folded into the linear layers"
+        raise ArgumentError(
+            "{reparam} needs {feature_norm} BatchNorm; this model has LayerNorm FFNs: {why}", why=LAYERNORM_CANNOT_FOLD
         )
 
 

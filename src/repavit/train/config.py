@@ -22,12 +22,11 @@ import yaml
 from ..data.datasets import DATASETS
 from ..data.inat import INAT_CATEGORIES
 from ..errors import ArgumentError, UserError
+from ..layers.idle_mlp import FEATURE_NORMS, HEURISTIC_CHOICES
 
 __all__ = ["GROUPS", "TrainConfig", "config_fields", "load_yaml"]
 
 GROUPS = ("model", "optimizer", "schedule", "augmentation", "data", "run", "tracking")
-FEATURE_NORMS = ("BatchNorm", "LayerNorm")
-HEURISTICS = ("static", "linear", "none")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
@@ -55,9 +54,12 @@ class TrainConfig:
 
     # ---- model ------------------------------------------------------------------------------
     model: str = _f("RePaViT_Base", "registered model name (RePa models or any timm model)", "model")
-    input_size: int = _f(224, "input image side", "model")
+    input_size: int = _f(224, "input image side", "model", aliases=("--img_size",))
     nb_classes: int | None = _f(
-        None, "classes of the head; None: from the dataset (for --test_speed: the checkpoint's, or 1000)", "model"
+        None,
+        "classes of the head; None: from the dataset (for --test_speed: the checkpoint's, or 1000)",
+        "model",
+        aliases=("--num_classes",),
     )
     drop: float = _f(0.0, "dropout rate", "model")
     drop_path: float = _f(0.1, "stochastic depth rate (rises linearly over the blocks)", "model")
@@ -74,9 +76,14 @@ class TrainConfig:
         "model",
         choices=FEATURE_NORMS,
     )
-    heuristic: str = _f("static", "per-block idle ratios: static or linear", "model", choices=HEURISTICS)
+    heuristic: str = _f("static", "per-block idle ratios: static or linear", "model", choices=HEURISTIC_CHOICES)
     reparam: bool = _f(False, "reparameterize the model for --eval / --test_speed (and after training)", "model")
-    model_kwargs: dict = _f({}, "extra model arguments as KEY=VALUE (e.g. depth=4 embed_dim=96)", "model")  # noqa: RUF009 (_f wraps dataclasses.field)
+    model_kwargs: dict = _f(  # noqa: RUF009 (_f wraps dataclasses.field)
+        {},
+        "extra model arguments as KEY=VALUE (e.g. depth=4 embed_dim=96); repeatable",
+        "model",
+        aliases=("--model_arg",),
+    )
     model_ema: bool = _f(True, "keep an exponential moving average of the weights", "model")
     model_ema_decay: float = _f(0.99996, "EMA decay per update", "model")
     model_ema_force_cpu: bool = _f(False, "keep the EMA on the CPU", "model")

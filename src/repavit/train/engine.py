@@ -145,8 +145,7 @@ def train_one_epoch(
             signum = _check_step(loss_value, stop.signum or 0 if stop else 0, env, epoch, i, n_micro)
             precision.backward(loss / k)
         if last:
-            precision.step(optimizer, params, clip_grad)
-            optimizer.zero_grad(set_to_none=True)
+            _update(precision, optimizer, params, clip_grad)
             scheduler.step_update(epoch * updates_per_epoch + (i + 1) // k)
             if model_ema is not None:
                 model_ema.update(unwrapped)
@@ -158,6 +157,18 @@ def train_one_epoch(
             stopped_at = i + 1
             break
     progress.close()
+    return _epoch_result(progress, optimizer, env, loss_sum, seen, stopped_at)
+
+
+def _update(precision: Precision, optimizer: torch.optim.Optimizer, params: list, clip_grad: float | None) -> None:
+    """One optimizer update from the accumulated gradients (scaled, clipped), then clear them."""
+    precision.step(optimizer, params, clip_grad)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _epoch_result(
+    progress: Progress, optimizer: torch.optim.Optimizer, env: DistEnv, loss_sum: float, seen: int, stopped_at
+) -> dict[str, Any]:
     total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], env)
     elapsed = progress.elapsed
     return {
