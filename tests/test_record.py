@@ -51,7 +51,7 @@ def test_record_round_trip_and_validation():
 def test_same_setting():
     assert same_setting(0.75, 0.75 + 1e-12) and not same_setting(0.75, 0.5)
     assert same_setting(224, [224, 224]) and not same_setting(224, [224, 192])
-    assert same_setting("none", "static") and not same_setting(True, 1)
+    assert same_setting("none", "static", "heuristic") and not same_setting(True, 1)
 
 
 def test_form_detection_is_one_function_for_every_layout():
@@ -348,3 +348,12 @@ def test_user_mistakes_in_deploy_commands_are_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--resume", str(tmp_path / "m.pt"), "--data_set", "SYNTH", "--num_workers", "0"]) == 2
     assert "is a TorchScript export" in capsys.readouterr().err
+
+
+def test_heuristic_aliases_are_equal_only_for_the_heuristic():
+    """'none' and '' are the authors' spellings of 'static'; for any other setting they are themselves."""
+    from repavit.models.record import same_setting
+
+    assert same_setting("none", "static", "heuristic") and same_setting("", "static", "heuristic")
+    assert not same_setting("linear", "none", "heuristic")
+    assert not same_setting("", "none", "global_pool") and not same_setting("", "static")

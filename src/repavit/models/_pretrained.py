@@ -165,7 +165,7 @@ def _apply_required_args(pretrained_cfg: Mapping[str, Any], kwargs: dict, record
         for key, value in record.model_args.items():
             if key not in kwargs:
                 kwargs[key] = value
-            elif key not in ("num_classes", "img_size") and not same_setting(kwargs[key], value):
+            elif key not in ("num_classes", "img_size") and not same_setting(kwargs[key], value, key):
                 raise CheckpointMismatchError(
                     f"{where} was trained with {key}={value!r}, the model would be built with {key}={kwargs[key]!r}: "
                     f"pass {key}={value!r}, or load it with repavit.create_model(name, checkpoint_path=...), which "
@@ -178,7 +178,7 @@ def _apply_required_args(pretrained_cfg: Mapping[str, Any], kwargs: dict, record
     required = required_model_args(pretrained_cfg, kwargs.get("pretrained_model_args"))
     tag = f".{pretrained_cfg['tag']}" if pretrained_cfg.get("tag") else ""
     for key, value in required.items():
-        if key in kwargs and not same_setting(kwargs[key], value):
+        if key in kwargs and not same_setting(kwargs[key], value, key):
             raise CheckpointMismatchError(
                 f"the pretrained weights of {name}{tag} need {key}={value!r}, got {key}={kwargs[key]!r}: "
                 f"leave {key} out (it comes with the weights' config) or pass {key}={value!r}"

@@ -169,7 +169,7 @@ def _from_record(ckpt: Checkpoint, model_name: str | None, given: dict[str, Any]
             "(leave it out to use the checkpoint's)"
         )
     for key, value in record.model_args.items():
-        if key in given and not same_setting(given[key], value):
+        if key in given and not same_setting(given[key], value, key):
             raise CheckpointMismatchError(
                 f"{where} was trained with {key}={_plain(value)}, {spell(key, given[key])} was given "
                 "(leave it out to use the checkpoint's)"
@@ -192,7 +192,7 @@ def _from_record(ckpt: Checkpoint, model_name: str | None, given: dict[str, Any]
     for key in ("released", "release_like"):  # a conversion of the authors' weights (or of a file shaped like them)
         tag = ckpt.info.get(key)
         entry = released_weights(*tag.partition(".")[::2]) if isinstance(tag, str) else None
-        if entry is not None and all(same_setting(args.get(k), v) for k, v in entry.model_args.items()):
+        if entry is not None and all(same_setting(args.get(k), v, k) for k, v in entry.model_args.items()):
             setattr(settings, key, entry)
     overrides = None if record.overrides is None else [*record.overrides, *given]
     settings.overrides = overrides
@@ -274,7 +274,7 @@ def _read(
 ) -> None:
     """Take a setting the tensor shapes decide, or refuse a given one that contradicts them."""
     if key in args:
-        if not same_setting(args[key], value):
+        if not same_setting(args[key], value, key):
             raise CheckpointMismatchError(
                 f"{where}'s {what} is for {key}={_plain(value)}, {spell(key, args[key])} was given"
             )
@@ -382,7 +382,7 @@ def _idle_for_training_form(
         and _square(args.get("img_size", 224)) == 224
         and args.get("feature_norm") == entry.model_args.get("feature_norm")
         and all(k in _RELEASE_NEUTRAL or k in RUNTIME_ARGS or k.endswith("drop_rate") for k in given)
-        and all(same_setting(given[k], v) for k, v in entry.model_args.items() if k in given)
+        and all(same_setting(given[k], v, k) for k, v in entry.model_args.items() if k in given)
     )
     if release_shaped and entry is not None:
         args.update({k: v for k, v in entry.model_args.items() if k not in given})
@@ -550,7 +550,7 @@ def _load_without_checkpoint(
     released = None
     if pretrained:
         entry = released_weights(name.split(".")[0])
-        if entry is not None and all(same_setting(record.model_args.get(k), v) for k, v in entry.model_args.items()):
+        if entry is not None and all(same_setting(record.model_args.get(k), v, k) for k, v in entry.model_args.items()):
             released = entry
     else:
         _logger.warning("no checkpoint given: %s has random weights", model_name)

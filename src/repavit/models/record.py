@@ -87,14 +87,15 @@ def python_spelling(key: str, value: Any) -> str:
     return f"{key}={value!r}"
 
 
-def same_setting(a: Any, b: Any) -> bool:
-    """Equal model settings: floats to 1e-9, ``224 == [224, 224]``, ``heuristic`` 'none'/'' mean 'static'."""
+def same_setting(a: Any, b: Any, key: str | None = None) -> bool:
+    """Equal model settings: floats to 1e-9, ``224 == [224, 224]``; for ``key="heuristic"``, the authors'
+    ``'none'``/``''`` mean ``'static'``."""
     a, b = _square(a), _square(b)
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b or (a == b and type(a) is type(b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
-    if isinstance(a, str) and isinstance(b, str):
+    if key == "heuristic" and isinstance(a, str) and isinstance(b, str):
         return _STATIC_ALIASES.get(a, a) == _STATIC_ALIASES.get(b, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
