@@ -252,7 +252,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[str, str]]:
         "missing checkpoint": (f"eval {base} --data_path {folder} --resume {tmp / 'x.pth'}", "checkpoint not found"),
         "reparam on LayerNorm": (
             f"eval {base} --feature_norm LayerNorm --reparam --data_path {folder}",
-            "--reparam needs --feature_norm=BatchNorm",
+            "--reparam needs --feature_norm BatchNorm",
         ),
         "wandb without WANDB_MODE": (f"train {base} --data_path {folder} --wandb", "--wandb needs WANDB_MODE"),
         "odd batch with mixup": (f"train {base} --batch_size 5 --data_path {folder}", "even --batch_size"),
