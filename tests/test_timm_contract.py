@@ -101,6 +101,7 @@ SMALL = {
     "repaswin": dict(img_size=64, window_size=2, embed_dim=24),
     "repapoolformer": dict(embed_dims=(16, 32, 48, 64)),
     "repamlpmixer": dict(img_size=64, embed_dim=64, depth=2),
+    "repalvvit": dict(img_size=32, depth=2),
 }
 AUTHORS_NAMES = [n for n in NAMES if n != n.lower()]
 

@@ -100,7 +100,8 @@ def test_every_shipped_yaml_loads(path):
     assert timm.is_model(cfg.model), cfg.model
     if path.stem.startswith("RePa"):
         assert cfg.model == path.stem and cfg.feature_norm == "BatchNorm" and cfg.channel_idle
-        assert cfg.batch_size * 8 == 4096 and cfg.opt == "lamb" and cfg.epochs == 300
+        global_batch = 1024 if path.stem.startswith("RePaLVViT") else 4096  # Table 7
+        assert cfg.batch_size * 8 == global_batch and cfg.opt == "lamb" and cfg.epochs == 300
 
 
 def test_flags_override_yaml_and_resolved_config_round_trips(tmp_path):

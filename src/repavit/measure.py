@@ -46,17 +46,36 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _no_flops(*args, **kwargs) -> int:
+    return 0
+
+
+_SDPA_OPS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
 @torch.no_grad()
-def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
-    """Multiply-accumulates (G) for one image, from PyTorch's FLOP counter (attention matmuls included)."""
+def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3, attention: bool = True) -> float:
+    """Multiply-accumulates (G) for one image, from PyTorch's FLOP counter.
+
+    ``attention=False`` leaves out the products of scaled-dot-product attention (``q k^T`` and the
+    weighted sum of values), as the RePaViT paper's Table 1 counts (e.g. RePa-LV-ViT-S: 4.7 GMACs
+    without them, 5.2 with them); the linear layers, convolutions and FFNs are counted either way.
+    """
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, img_size, img_size, device=device)
     # PyTorch's counter knows the CUDA attention kernels but not the CPU one; count it the same way.
     # In-place addmm_ (the fused FFN's accumulation) is not in its table either: same formula as addmm.
     extra = {torch.ops.aten.addmm_: _addmm_flops}
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None:
-        extra[cpu_sdpa] = _sdpa_flops
+    sdpa = _sdpa_flops if attention else _no_flops
+    for op in _SDPA_OPS:
+        packet = getattr(torch.ops.aten, op, None)
+        if packet is not None and (attention is False or op.endswith("_for_cpu")):
+            extra[packet] = sdpa
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9

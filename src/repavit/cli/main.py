@@ -15,7 +15,18 @@ from collections.abc import Sequence
 from ._run import Parser, add_spelling_aliases, run_command
 
 # Subcommand modules under repavit.cli, in the order `repavit --help` lists them.
-COMMANDS = ["bench", "train", "convert", "reparam", "export", "push_to_hub", "predict", "rocksdb", "bench_data"]
+COMMANDS = [
+    "bench",
+    "train",
+    "convert",
+    "reparam",
+    "export",
+    "push_to_hub",
+    "predict",
+    "rocksdb",
+    "bench_data",
+    "label",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ from ..errors import UserError
 class PreNormAttention(nn.Module):
     """``proj(MHSA(LayerNorm(x)))`` for tokens ``(B, N, C)``; the residual add is the caller's.
 
+    With ``norm=False`` there is no LayerNorm inside: ``proj(MHSA(x))``.
+
     Uses ``scaled_dot_product_attention`` (fused kernels where the backend has them); the math is
     the standard ``softmax(q k^T * head_dim^-0.5) v`` with qkv split as ``(3, heads, head_dim)``.
     """
@@ -23,6 +25,8 @@ class PreNormAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_eps: float = 1e-5,
+        norm: bool = True,
+        proj_bias: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -33,9 +37,10 @@ class PreNormAttention(nn.Module):
         # Registration order follows the authors' state_dict order (qkv, proj, norm).
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        # norm=False: the caller normalizes (LV-ViT keeps the LayerNorm in the block, ``blocks.i.norm1``)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape

@@ -80,6 +80,22 @@ def fold_bn_before_linear(weight: Tensor, bias: Tensor | None, bn: BNStats) -> t
     return w * s[None, :], w @ t + b
 
 
+def fold_bn_after_conv(weight: Tensor, bias: Tensor | None, bn: BNStats) -> tuple[Tensor, Tensor]:
+    """Fold ``BN(conv(x))`` (BatchNorm over the conv's output channels) into one conv. Returns float64 ``(W', b')``.
+
+    ``BN(W * x + b) = s * (W * x + b) + t``: ``W' = s[:, None, ...] W``, ``b' = s b + t``.
+    """
+    w = weight.detach().to(torch.float64)
+    b = (
+        torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        if bias is None
+        else bias.detach().to(torch.float64)
+    )
+    s, t = bn.scale_shift()
+    s, t = s.to(w.device), t.to(w.device)
+    return w * s.reshape(-1, *([1] * (w.dim() - 1))), s * b + t
+
+
 @dataclass
 class FoldedIdleFFN:
     """The three matrices of a reparameterized channel-idle FFN (float64 unless cast)."""

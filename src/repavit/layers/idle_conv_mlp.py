@@ -69,6 +69,7 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
         self.dim, self.hidden_dim = dim, hidden_dim
         self.feature_norm = feature_norm
         self.idle_ratio = check_idle_ratio(idle_ratio) if channel_idle else 0.0
+        self.rounding = rounding
         self.act_dim = active_channels(hidden_dim, self.idle_ratio, rounding) if channel_idle else hidden_dim
         # Registration order follows the authors' state_dict order (ls, fc1, fc2, norm1, norm2).
         if layer_scale_init_value is not None:

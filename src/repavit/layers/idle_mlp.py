@@ -85,6 +85,8 @@ def active_channels(hidden_dim: int, idle_ratio: float, rounding: str = "ceil") 
 
     ``ceil(h * (1 - idle_ratio))`` for ViT, Swin and MLP-Mixer; PoolFormer uses ``int(...)``
     (``rounding="floor"``). Computed in float64 exactly like the reference (``math.ceil``).
+    RePa-LV-ViT rounds to the nearest integer (``rounding="round"``), so that its default ratio 2/3
+    activates exactly ``h / 3`` channels (``ceil`` of the float64 product ``1152 * (1 - 2/3)`` is 385).
     """
     idle_ratio = check_idle_ratio(idle_ratio)
     value = hidden_dim * (1.0 - idle_ratio)
@@ -92,7 +94,9 @@ def active_channels(hidden_dim: int, idle_ratio: float, rounding: str = "ceil") 
         return int(math.ceil(value))
     if rounding == "floor":
         return int(value)
-    raise UserError(f"unknown rounding {rounding!r}; expected 'ceil' or 'floor'")
+    if rounding == "round":
+        return int(math.floor(value + 0.5))
+    raise UserError(f"unknown rounding {rounding!r}; expected 'ceil', 'floor' or 'round'")
 
 
 def idle_ratios_for_depth(idle_ratio: float, depth: int, heuristic: str = "static") -> list[float]:
@@ -115,12 +119,12 @@ class PartialActivation:
 
     A mixin of the training-form FFNs (put it before ``nn.Module``). No mask and no activation
     computed on idle channels; works for ``(M, h)`` tokens and ``(B, h, H, W)`` maps alike, and
-    under TorchScript.
+    under TorchScript and FX (the branch reads the module's ``hidden_dim``, not a traced shape).
     """
 
     def _partial_act(self, z: Tensor) -> Tensor:
         a = self.act_dim
-        if a == z.shape[1]:
+        if a == self.hidden_dim:
             return self.act(z)
         if a == 0:
             return z
@@ -137,8 +141,10 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         channel_idle: if False, every hidden channel is activated (plain FFN).
         feature_norm: ``"BatchNorm"`` (reparameterizable) or ``"LayerNorm"`` (pre-LN FFN, no BN2).
         drop_path: stochastic depth rate on the FFN branch.
-        rounding: ``"ceil"`` or ``"floor"`` for the number of active channels.
+        rounding: ``"ceil"``, ``"floor"`` or ``"round"`` for the number of active channels.
         act_layer: activation module class (exact GELU by default).
+        skip_lam: the FFN branch is divided by this before the residual add (LV-ViT's ``skip_lam``);
+            the fold absorbs ``1 / skip_lam`` into the output weights and bias.
     """
 
     def __init__(
@@ -152,10 +158,14 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         rounding: str = "ceil",
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
+        skip_lam: float = 1.0,
     ) -> None:
         super().__init__()
         check_feature_norm(feature_norm)
+        if isinstance(skip_lam, bool) or not isinstance(skip_lam, (int, float)) or not skip_lam > 0:
+            raise UserError(f"skip_lam must be a positive number, got {skip_lam!r}")
         self.dim, self.hidden_dim = dim, hidden_dim
+        self.rounding, self.skip_lam = rounding, float(skip_lam)
         self.feature_norm = feature_norm
         self.idle_ratio = check_idle_ratio(idle_ratio) if channel_idle else 0.0
         self.act_dim = active_channels(hidden_dim, self.idle_ratio, rounding) if channel_idle else hidden_dim
@@ -185,7 +195,10 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
             y = self._split_hidden(u)
         else:  # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm), TorchScript
             y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
-        return x + self.drop_path(y.reshape(shape))  # (B, N, C)
+        y = self.drop_path(y.reshape(shape))
+        if self.skip_lam != 1.0:
+            y = y / self.skip_lam
+        return x + y  # (B, N, C)
 
     def _split_norm2(self) -> bool:
         """Whether the two channel groups can be normalized apart (a plain BatchNorm1d over partly idle channels)."""
@@ -221,8 +234,16 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
             BNStats.from_module(self.norm1),
             BNStats.from_module(self.norm2),
             self.act_dim,
-            layer_scale=layer_scale,
+            layer_scale=self._branch_scale(layer_scale),
         )
+
+    def _branch_scale(self, layer_scale: Tensor | None) -> Tensor | None:
+        """The per-channel factor on the FFN branch: ``layer_scale / skip_lam`` (None when it is 1)."""
+        if self.skip_lam == 1.0:
+            return layer_scale
+        w = self.fc2.weight
+        inv = torch.full((self.dim,), 1.0 / self.skip_lam, dtype=torch.float64, device=w.device)
+        return inv if layer_scale is None else inv * layer_scale.detach().to(torch.float64)
 
     @torch.no_grad()
     def fuse(self) -> FusedIdleMlp:

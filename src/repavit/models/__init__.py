@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import timm
 
-from . import repamlpmixer, repapoolformer, repaswin, repavit  # noqa: F401  (register the models in timm)
+from . import repalvvit, repamlpmixer, repapoolformer, repaswin, repavit  # noqa: F401  (register the models in timm)
 from ._pretrained import ReleasedWeights
 from .checkpoint import (
     Checkpoint,
@@ -29,7 +29,7 @@ from .record import CheckpointMismatchError, ModelRecord, model_args_of, record_
 from .repavit import RePaViT
 
 # timm module names of the registered families (the file names under repavit/models/).
-FAMILIES = ["repavit", "repaswin", "repapoolformer", "repamlpmixer"]
+FAMILIES = ["repavit", "repaswin", "repapoolformer", "repamlpmixer", "repalvvit"]
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -41,8 +41,9 @@ def list_models(pattern: str = "") -> list[str]:
 
 
 def is_repa_model(name: str) -> bool:
-    """True for a registered RePa model name (with or without a pretrained tag)."""
-    return name.split(".")[0] in set(list_models())
+    """True for a registered RePa model name (with or without a pretrained tag); False for vanilla LV-ViT."""
+    base = name.split(".")[0]
+    return base in set(list_models()) and base not in repalvvit.VANILLA_NAMES
 
 
 __all__ = [

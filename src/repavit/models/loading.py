@@ -295,7 +295,8 @@ def _image_size_of(sd: Mapping[str, Tensor]) -> int | None:
     else:
         return None
     side = math.isqrt(n)
-    return side * proj.shape[-1] if side * side == n else None
+    stride = proj.shape[-1] * (2 if "patch_embed.conv1.weight" in sd else 1)  # LV-ViT's stem halves first
+    return side * stride if side * side == n else None
 
 
 def _idle_from_fused(

@@ -26,6 +26,7 @@ from ..data import (
     dataset_classes,
 )
 from ..data.robust import RobustDataset, check_split
+from ..data.token_labels import LabelStore, TokenLabelDataset, TokenLabelTransform, check_labels
 from ..errors import ArgumentError, UserError
 from ..layers.idle_mlp import LAYERNORM_CANNOT_FOLD
 from ..models import Checkpoint, CheckpointMismatchError, Settings, load_model, resolve_settings
@@ -35,6 +36,7 @@ from ..models import list_models as repa_list_models
 from .config import TrainConfig
 from .distributed import DistEnv
 from .stop import ignore_stop_signals
+from .token_labeling import TokenLabelLoss, check_token_label_model
 
 __all__ = [
     "build_criterion",
@@ -44,6 +46,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "build_token_label_loss",
     "check_classes",
     "check_model_name",
     "data_desc",
@@ -109,10 +112,11 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
         kw.update(
             img_size=cfg.input_size,
             channel_idle=cfg.channel_idle,
-            idle_ratio=cfg.idle_ratio,
             feature_norm=cfg.feature_norm,
             heuristic=cfg.heuristic,
         )
+        if "idle_ratio" in cfg.given or "idle_ratio" in cfg.model_kwargs:  # else the model's default
+            kw["idle_ratio"] = cfg.idle_ratio
     kw.update(cfg.model_kwargs)
     return kw
 
@@ -227,7 +231,9 @@ def build_datasets(cfg: TrainConfig, need_train: bool = True) -> tuple[Dataset |
         seed=cfg.seed,
     )
     train = None
-    if need_train:
+    if need_train and cfg.token_label:
+        train = _token_label_train_set(cfg, tcfg, common)
+    elif need_train:
         train, _ = build_dataset(
             True, transform=build_transform(True, tcfg), synthetic_size=cfg.synthetic_train_size, **common
         )
@@ -249,6 +255,21 @@ def build_datasets(cfg: TrainConfig, need_train: bool = True) -> tuple[Dataset |
                 f"e.g. {', '.join(map(str, missing)) or 'different order'})"
             )
     return train, val, num_classes
+
+
+def _token_label_train_set(cfg: TrainConfig, tcfg: TransformConfig, common: dict[str, Any]) -> Dataset:
+    """The training split with its score maps and the label-aware augmentation (``--token_label``)."""
+    check_token_label_model(cfg.model)
+    for flag in ("mixup", "cutmix", "cutmix_minmax"):
+        if flag in cfg.given and getattr(cfg, flag):
+            raise ArgumentError(
+                "{token_label} uses MixToken in place of mixup/cutmix (LV-ViT's recipe); drop {" + flag + "}"
+            )
+    raw, num_classes = build_dataset(True, transform=None, synthetic_size=cfg.synthetic_train_size, **common)
+    store = LabelStore(cfg.token_label_data)
+    k, h, w = check_labels(raw, store, num_classes)
+    _logger.info("token labels: top-%d score maps on a %dx%d grid from %s", k, h, w, cfg.token_label_data)
+    return TokenLabelDataset(raw, store, TokenLabelTransform(tcfg))
 
 
 def build_loaders(
@@ -359,6 +380,18 @@ def build_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
         mode=cfg.mixup_mode,
         label_smoothing=0.0 if cfg.bce_loss else cfg.smoothing,
         num_classes=num_classes,
+    )
+
+
+def build_token_label_loss(cfg: TrainConfig, num_classes: int, grid: tuple[int, int]) -> nn.Module:
+    """The token-labeling loss (``--token_label``) with the run's smoothing and weights."""
+    return TokenLabelLoss(
+        num_classes,
+        grid,
+        smoothing=cfg.smoothing,
+        cls_weight=cfg.cls_weight,
+        dense_weight=cfg.dense_weight,
+        image_size=(cfg.input_size, cfg.input_size),
     )
 
 

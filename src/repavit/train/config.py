@@ -69,7 +69,12 @@ class TrainConfig:
         "model",
         negatable=True,
     )
-    idle_ratio: float = _f(0.75, "share of FFN hidden channels that skip the activation", "model")
+    idle_ratio: float = _f(
+        0.75,
+        "share of FFN hidden channels that skip the activation (not given: the model's default, 0.75; "
+        "2/3 for RePa-LV-ViT, whose paper name '/0.75' means C of its 3C hidden channels active)",
+        "model",
+    )
     feature_norm: str = _f(
         "BatchNorm",
         "FFN normalization; BatchNorm (the paper's, the default here) folds after training, LayerNorm does not",
@@ -138,6 +143,21 @@ class TrainConfig:
     mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup", "augmentation")
     mixup_mode: str = _f("batch", "mixup granularity", "augmentation", choices=("batch", "pair", "elem"))
     bce_loss: bool = _f(False, "binary cross-entropy on (mixed) targets, DeiT III style", "augmentation")
+    token_label: bool = _f(
+        False,
+        "token labeling (LV-ViT): train on dense score maps with MixToken instead of mixup/cutmix; needs "
+        "--token_label_data and a model with a dense head (RePaLVViT_*, LVViT_*)",
+        "augmentation",
+    )
+    token_label_data: str = _f(
+        "", "score maps of the training images: a folder (LV-ViT's layout) or a RocksDB *.db", "augmentation"
+    )
+    token_label_size: int = _f(
+        0, "token-label grid side; 0: the model's token grid (another value must equal it)", "augmentation"
+    )
+    dense_weight: float = _f(1.0, "weight of the dense (per-token) token-labeling loss", "augmentation")
+    cls_weight: float = _f(1.0, "weight of the class-token token-labeling loss", "augmentation")
+    mix_token: bool = _f(True, "MixToken with --token_label (token-level CutMix)", "augmentation", negatable=True)
 
     # ---- data -------------------------------------------------------------------------------
     data_path: str = _f("", "dataset folder (ImageFolder: train/ and val/, one sub-folder per class)", "data")
@@ -256,6 +276,13 @@ class TrainConfig:
             ),
             (self.log_freq >= 1, "{log_freq} must be >= 1"),
             (not (self.eval and self.test_speed), "{eval} and {test_speed} cannot be combined; run them separately"),
+            (not self.token_label or bool(self.token_label_data), "{token_label} needs {token_label_data} DIR"),
+            (not self.token_label_data or self.token_label, "{token_label_data} is given but {token_label} is not"),
+            (not (self.token_label and self.ThreeAugment), "{token_label} cannot be combined with {ThreeAugment}"),
+            (not (self.token_label and self.bce_loss), "{token_label} cannot be combined with {bce_loss}"),
+            (self.token_label_size >= 0, "{token_label_size} must be >= 0"),
+            (self.dense_weight >= 0 and self.cls_weight >= 0, "{dense_weight} and {cls_weight} must be >= 0"),
+            (self.dense_weight + self.cls_weight > 0, "{dense_weight} and {cls_weight} cannot both be 0"),
             (
                 not (self.mixup_active and self.batch_size % 2),
                 "mixup/cutmix needs an even {batch_size}, got {batch_size_value} (or pass {mixup} 0 {cutmix} 0)",
@@ -271,6 +298,9 @@ class TrainConfig:
     # ---- derived values ---------------------------------------------------------------------
     @property
     def mixup_active(self) -> bool:
+        """Mixup/CutMix on: never with token labels (MixToken takes their place, as in LV-ViT's recipe)."""
+        if self.token_label:
+            return False
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
     @property

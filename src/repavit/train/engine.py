@@ -132,7 +132,7 @@ def train_one_epoch(
         if i >= n_micro:
             break
         images = images.to(env.device, non_blocking=True)
-        targets = targets.to(env.device, non_blocking=True)
+        targets = _to_device(targets, env.device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         last = (i + 1) % k == 0
@@ -158,6 +158,13 @@ def train_one_epoch(
             break
     progress.close()
     return _epoch_result(progress, optimizer, env, loss_sum, seen, stopped_at)
+
+
+def _to_device(targets: Any, device: torch.device) -> Any:
+    """Class ids, or a token-label batch (a dict of tensors), on ``device``."""
+    if isinstance(targets, dict):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
+    return targets.to(device, non_blocking=True)
 
 
 def _update(precision: Precision, optimizer: torch.optim.Optimizer, params: list, clip_grad: float | None) -> None:

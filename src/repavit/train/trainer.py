@@ -47,6 +47,7 @@ from .builders import (
     build_model,
     build_optimizer,
     build_scheduler,
+    build_token_label_loss,
     check_classes,
     data_desc,
     is_repa_model,
@@ -56,6 +57,7 @@ from .distributed import DistEnv, all_reduce_sum, barrier, gather_objects, state
 from .engine import Precision, evaluate, train_one_epoch
 from .rundir import RunDir
 from .stop import StopRequest
+from .token_labeling import enable_token_labeling
 from .tracking import WandbRun
 
 __all__ = ["Trainer", "epoch_seed", "seed_everything"]
@@ -174,7 +176,7 @@ class Trainer:
                 f"(batch_size x accumulation_steps x processes = {per_update}); lower --batch_size"
             )
         self.scheduler = build_scheduler(cfg, self.optimizer, self.lrs, self.updates_per_epoch)
-        self.criterion = build_criterion(cfg)
+        self.criterion = self._criterion(model, num_classes)
         self.mixup_fn = build_mixup(cfg, num_classes)
         self.ema = None
         if cfg.model_ema:
@@ -204,6 +206,15 @@ class Trainer:
             ids = [env.device.index] if env.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
+
+    def _criterion(self, model: nn.Module, num_classes: int) -> nn.Module:
+        """The training loss; with ``--token_label`` the model is switched to its dense training output."""
+        cfg = self.cfg
+        if not cfg.token_label:
+            return build_criterion(cfg)
+        grid = enable_token_labeling(model, cfg.model, cfg.mix_token, cfg.token_label_size)
+        self.say(f"token labeling: {grid[0]}x{grid[1]} token targets, MixToken {'on' if cfg.mix_token else 'off'}")
+        return build_token_label_loss(cfg, num_classes, grid)
 
     # ---- resuming ---------------------------------------------------------------------------------
     def _unfinished_here(self) -> bool:
