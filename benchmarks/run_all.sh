@@ -11,12 +11,18 @@ $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 5 --iters 2 
     --forms vanilla train reparam reparam_all_tokens reference authors_design compile int8 onnxruntime \
     --breakdown \
     --output $OUT/vit_base.json --plot $OUT/vit_base.png
+# ONNX Runtime on the current (dynamo, opset 18) export against eager, RePaViT_Base.
+$PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 2 --forms vanilla reparam onnxruntime \
+    --output $OUT/vit_base_onnx.json
 # RePaViT_Small: training step (batch 32) against timm's deit_small and the authors' masked FFN.
 $PY -m repavit bench --models RePaViT_Small --batch-size 16 --rounds 6 --iters 2 --forms vanilla train reparam \
     --train-step --train-batch-size 32 --output $OUT/vit_small.json --plot $OUT/vit_small.png
 # The other families against timm's vanilla counterparts.
 $PY -m repavit bench --models RePaSwin_Tiny RePaPoolformer_s12 RePaMlpMixer_s16 --batch-size 16 --rounds 5 \
     --iters 2 --forms vanilla train reparam --output $OUT/families.json --plot $OUT/families.png
+# RePa-LV-ViT-S against vanilla LV-ViT-S (LayerNorm FFN, every channel active), with ONNX Runtime.
+$PY -m repavit bench --models RePaLVViT_S --batch-size 16 --rounds 5 --iters 2 --forms vanilla train reparam onnxruntime \
+    --output $OUT/lvvit_s.json --plot $OUT/lvvit_s.png
 # How the speed-up changes with image size and batch size.
 $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 1 --forms vanilla reparam \
     --no-latency --sweep-sizes 224,384 --sweep-batches 1,16 --output $OUT/vit_base_sweep.json

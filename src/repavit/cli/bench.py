@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--breakdown", action="store_true", help="share of time in patch embed / attention / FFN")
     p.add_argument("--sweep-sizes", type=_ints, default=[], help="e.g. 224,384: reparam/vanilla per image size")
     p.add_argument("--sweep-batches", type=_ints, default=[], help="e.g. 1,16,64: reparam/vanilla per batch size")
-    p.add_argument("--idle-ratio", type=float, default=0.75)
+    p.add_argument(
+        "--idle-ratio", type=float, default=None, help="default: each model's own (0.75; 2/3 for RePa-LV-ViT)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", default=None, help="write results as JSON here")
@@ -76,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         output=args.output,
         plot=args.plot,
-        idle_ratio=args.idle_ratio,
+        **({} if args.idle_ratio is None else {"idle_ratio": args.idle_ratio}),
     )
     return 0
