@@ -11,9 +11,10 @@ $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 5 --iters 2 
     --forms vanilla train reparam reparam_all_tokens reference authors_design compile int8 onnxruntime \
     --breakdown \
     --output $OUT/vit_base.json --plot $OUT/vit_base.png
-# ONNX Runtime on the current (dynamo, opset 18) export against eager, RePaViT_Base.
-$PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 2 --forms vanilla reparam onnxruntime \
-    --output $OUT/vit_base_onnx.json
+# Every runtime, each with the vanilla model in the same runtime (the RePa speed-up inside it), RePaViT_Base.
+$PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 2 --no-latency \
+    --forms vanilla reparam int8 onnxruntime vanilla_onnxruntime openvino vanilla_openvino \
+    onnxruntime_int8 vanilla_onnxruntime_int8 --output $OUT/runtimes.json --plot $OUT/runtimes.png
 # RePaViT_Small: training step (batch 32) against timm's deit_small and the authors' masked FFN.
 $PY -m repavit bench --models RePaViT_Small --batch-size 16 --rounds 6 --iters 2 --forms vanilla train reparam \
     --train-step --train-batch-size 32 --output $OUT/vit_small.json --plot $OUT/vit_small.png

@@ -217,3 +217,50 @@ def test_torchscript_export(tmp_path, fused, method):
         for batch in (1, 3):
             inputs = x(batch, seed=batch)
             assert rel_err(loaded(inputs), fused(inputs)) <= 1e-5
+
+
+def test_openvino_export_keeps_the_outputs_record_and_dynamic_batch(tmp_path, trained):
+    pytest.importorskip("openvino")
+    from repavit.export.deploy import export_format, export_model
+    from repavit.export.openvino import OvModel, read_openvino_record
+    from repavit.models import LoadedModel
+
+    fused = repavit.reparameterize_model(trained)
+    loaded = LoadedModel(fused, record_of(fused, "RePaViT_Tiny"), "test")
+    assert export_format(tmp_path / "m.xml") == "openvino"
+    out = export_model(loaded, tmp_path / "sub" / "m.xml", batch_size=2)
+    assert out.check["max_rel_diff"] <= 1e-5 and out.check["batches"] == [1, 3]
+    assert (tmp_path / "sub" / "m.bin").is_file() and json.loads(out.sidecar.read_text())["format"] == "openvino"
+    assert read_openvino_record(out.path)["model_args"]["idle_ratio"] == 0.5
+    runner = OvModel(out.path, threads=1)
+    with torch.no_grad():
+        for b in (1, 5):  # any batch: the axis is dynamic
+            assert rel_err(torch.from_numpy(runner(x(b, seed=b))), fused(x(b, seed=b))) <= 1e-5
+    with pytest.raises(repavit.errors.UserError, match="its suffix means openvino"):
+        export_format(tmp_path / "m.xml", "onnx")
+
+
+def test_openvino_missing_extra_is_one_clear_error(tmp_path, fused, monkeypatch):
+    import sys
+
+    from repavit.export.openvino import export_openvino
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if it were not installed
+    with pytest.raises(repavit.errors.MissingExtraError, match=r"pip install 'repavit\[openvino\]'"):
+        export_openvino(fused, tmp_path / "m.xml", (3, 32, 32))
+    assert not (tmp_path / "m.xml").exists()
+
+
+def test_runtime_bench_forms_time_each_runtime_with_its_vanilla(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    from repavit.bench.suite import run_suite
+
+    forms = ["vanilla", "reparam", "onnxruntime", "openvino", "vanilla_onnxruntime", "vanilla_openvino"]
+    res = run_suite(["RePaViT_Tiny"], forms, batch_size=2, img_size=32, rounds=1, iters=1, warmup=0, latency=False,
+                    depth=1)  # fmt: skip
+    entry = res["models"]["RePaViT_Tiny"]
+    assert set(entry["forms"]) >= set(forms)
+    for runtime in ("onnxruntime", "openvino"):  # the exported fused model gives the fused model's outputs
+        assert entry["forms"][runtime]["agreement_with_reparam"]["max_rel_err"] <= 1e-4
+    assert {"onnxruntime/vanilla_onnxruntime", "openvino/vanilla_openvino"} <= set(entry["ratios"])

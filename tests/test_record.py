@@ -336,7 +336,7 @@ def test_user_mistakes_in_deploy_commands_are_one_line(tmp_path, capsys):
         (["predict", image, "--checkpoint", ln_path], "no reparameterized form: run its training form (--no-reparam)"),
         (
             ["export", path, "--format", "onnx", "-o", tmp_path / "m.pt"],
-            "names a torchscript file but --format is onnx",
+            "its suffix means torchscript, but --format is onnx",
         ),
         (["reparam", deit_path, "-o", tmp_path / "d"], "has no channel-idle FFNs"),
     ]

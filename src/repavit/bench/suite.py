@@ -9,7 +9,10 @@ For each model, in one process, with the same weights everywhere:
   (ours with the authors' three-linear inference FFN swapped in: isolates the FFN structure),
   ``authors_design`` (the authors' whole inference design: three-linear FFN and every token
   through every block), and the deploy paths ``compile`` (torch.compile of ``reparam``),
-  ``int8`` (dynamic quantization) and ``onnxruntime`` (when the ONNX extra is installed);
+  ``int8`` (dynamic quantization), ``onnxruntime`` (the file ``repavit export`` ships, when the ONNX
+  extra is installed) and ``openvino`` (the IR ``repavit export -o X.xml`` ships, openvino extra), plus
+  ``vanilla_onnxruntime`` and ``vanilla_openvino``: the vanilla counterpart in the same runtime, so the
+  RePa speed-up can be read inside each runtime;
 - training step time (forward + backward + SGD step) for ``vanilla``, ``train`` and ``masked``
   (the authors' masked training FFN);
 - peak memory of each inference form and of each training step (tensors allocated while it runs:
@@ -29,6 +32,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,8 +76,23 @@ INFERENCE_FORMS = (
     "authors_design",
     "compile",
     "int8",
+    "vanilla_int8",
     "onnxruntime",
+    "openvino",
+    "vanilla_onnxruntime",
+    "vanilla_openvino",
+    "onnxruntime_int8",
+    "vanilla_onnxruntime_int8",
 )
+# Forms that run an exported file in another runtime: form -> (export format, built from the vanilla model)
+RUNTIME_FORMS = {
+    "onnxruntime": ("onnx", False),
+    "openvino": ("openvino", False),
+    "vanilla_onnxruntime": ("onnx", True),
+    "vanilla_openvino": ("openvino", True),
+    "onnxruntime_int8": ("onnx_int8", False),
+    "vanilla_onnxruntime_int8": ("onnx_int8", True),
+}
 # Forms that are plain float PyTorch modules (params and GMACs are meaningful); also the default set.
 FLOAT_FORMS = ("vanilla", "train", "reparam", "reparam_all_tokens", "reference", "authors_design")
 DEFAULT_FORMS = FLOAT_FORMS
@@ -81,21 +100,47 @@ TRAIN_FORMS = ("vanilla", "train", "masked")
 
 
 # ---- building the forms ----------------------------------------------------------------------
-def _onnxruntime_runner(model: nn.Module, example: Tensor, tmpdir: str) -> Callable[[Tensor], Tensor]:
-    """ONNX Runtime on the file ``repavit export`` ships: the same exporter (dynamo), opset and metadata."""
-    from ..export import OrtModel, export_onnx
+def _runtime_runner(model: nn.Module, fmt: str, example: Tensor, tmpdir: str) -> Callable[[Tensor], Tensor]:
+    """ONNX Runtime or OpenVINO on the file ``repavit export`` ships: the same exporter, opset and settings.
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise MissingExtraError("the onnxruntime form needs the ONNX extra: pip install 'repavit[onnx]'") from e
-    path = export_onnx(model, os.path.join(tmpdir, f"model-{id(model)}.onnx"), tuple(example.shape[1:]))
-    runner = OrtModel(path, threads=torch.get_num_threads())
+    The runtime gets torch's thread count.
+    """
+    from ..export import OrtModel, export_onnx
+    from ..export.openvino import OvModel, export_openvino
+
+    threads = torch.get_num_threads()
+    stem = os.path.join(tmpdir, f"model-{id(model)}")
+    if fmt.startswith("onnx"):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise MissingExtraError("the onnxruntime forms need the ONNX extra: pip install 'repavit[onnx]'") from e
+        if fmt == "onnx_int8":  # the identity kept out of the quantized matrix, as the torch int8 path does
+            model = copy.deepcopy(model)
+            for m in model.modules():
+                if isinstance(m, FusedIdleMlp):
+                    m.separate_identity()
+        path = export_onnx(model, stem + ".onnx", tuple(example.shape[1:]))
+        if fmt == "onnx_int8":
+            path = _ort_dynamic_int8(path, stem + ".int8.onnx")
+        runner: Callable = OrtModel(path, threads=threads)
+    else:
+        runner = OvModel(export_openvino(model, stem + ".xml", tuple(example.shape[1:])), threads=threads)
 
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(runner(x))
 
     return run
+
+
+def _ort_dynamic_int8(src: str | os.PathLike, dst: str) -> str:
+    """ONNX Runtime's dynamic int8 quantization of the MatMul/Gemm weights (per output channel)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(src), dst, per_channel=True, weight_type=QuantType.QInt8)
+    return dst
 
 
 def _all_tokens(model: nn.Module) -> nn.Module:
@@ -141,10 +186,19 @@ def build_inference_forms(
 
             out[form] = quantize_int8(fused)
             out["int8_identity_folded"] = quantize_int8(fused, keep_identity_separate=False)
-        elif form == "onnxruntime":
+        elif form == "vanilla_int8":
+            v = vanilla_counterpart(model)
+            if v is not None and example.device.type == "cpu":
+                from ..quantize import quantize_int8
+
+                out[form] = quantize_int8(v.to(example.device))
+        elif form in RUNTIME_FORMS:
             if tmpdir is None:
-                raise UserError("the onnxruntime form needs a folder for its model file (tmpdir)")
-            out[form] = _onnxruntime_runner(fused, example, tmpdir)
+                raise UserError(f"the {form} form needs a folder for its model file (tmpdir)")
+            fmt, plain = RUNTIME_FORMS[form]
+            source = vanilla_counterpart(model) if plain else fused
+            if source is not None:
+                out[form] = _runtime_runner(source.eval(), fmt, example, tmpdir)
         else:
             raise UserError(f"unknown form {form!r}; expected one of {', '.join(INFERENCE_FORMS)}")
     return out
@@ -336,6 +390,9 @@ def _ratios(med: dict[str, float]) -> dict[str, float]:
     for other in ("reparam_all_tokens", "reference", "authors_design"):
         if other in med and "reparam" in med:
             out[f"reparam/{other}"] = med["reparam"] / med[other]
+    for runtime in ("int8", "onnxruntime", "openvino", "onnxruntime_int8"):  # the RePa speed-up inside each runtime
+        if runtime in med and f"vanilla_{runtime}" in med:
+            out[f"{runtime}/vanilla_{runtime}"] = med[runtime] / med[f"vanilla_{runtime}"]
     return out
 
 
@@ -379,9 +436,9 @@ def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir:
             info["gmacs"] = count_gmacs(f, img_size)
         with torch.no_grad():
             y = f(x)  # also warms up (first-call workspaces, compilation) before the memory measurement
-            if k not in ("vanilla", "train"):
+            if k not in ("vanilla", "train") and not k.startswith("vanilla_"):
                 info["agreement_with_reparam"] = agreement(y, ref)
-            if k != "onnxruntime":  # ONNX Runtime allocates outside PyTorch
+            if k not in RUNTIME_FORMS:  # the runtimes allocate outside PyTorch
                 info["peak_memory_mb"] = peak_memory_mb(lambda f=f, x=x: f(x), dev)
         entry["forms"][k] = info
     save()
@@ -509,7 +566,11 @@ def plot_results(results: dict, path: Path) -> None:
         lo = [m - entry["forms"][k]["throughput"]["min"] for m, k in zip(med, forms)]
         hi = [entry["forms"][k]["throughput"]["max"] - m for m, k in zip(med, forms)]
         colors = [
-            "#999999" if k == "vanilla" else "#4C72B0" if k in ("train", "reference", "authors_design") else "#DD8452"
+            "#999999"
+            if k.startswith("vanilla")
+            else "#4C72B0"
+            if k in ("train", "reference", "authors_design")
+            else "#DD8452"
             for k in forms
         ]
         ax.bar(forms, med, yerr=[lo, hi], color=colors, capsize=3)

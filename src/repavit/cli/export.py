@@ -1,4 +1,4 @@
-"""``repavit export``: the reparameterized model -> ONNX (dynamic batch) or TorchScript, verified."""
+"""``repavit export``: the reparameterized model -> ONNX (dynamic batch), TorchScript or OpenVINO IR, verified."""
 
 from __future__ import annotations
 
@@ -14,15 +14,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="export the reparameterized model to ONNX or TorchScript and check it against PyTorch",
+        help="export the reparameterized model to ONNX, TorchScript or OpenVINO and check it against PyTorch",
         description="Load a checkpoint (repavit train's checkpoint.pth, a convert/reparam output, the authors' "
         "files; training form or fused), reparameterize it, export it with its model record (in the file and in "
         "OUTPUT.json: model, settings, class names, preprocessing), then run the exported file (ONNX Runtime for "
-        "ONNX) on random inputs of two batch sizes and compare with PyTorch.",
+        "ONNX, OpenVINO for an IR) on random inputs of two batch sizes and compare with PyTorch.",
     )
     add_source_args(p)
-    p.add_argument("--format", choices=list(FORMATS), default=None, help="default: the -o suffix's (.pt: torchscript)")
-    p.add_argument("-o", "--output", required=True, help="output file (.onnx or .pt)")
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default=None,
+        help="default: the -o suffix's (.pt: torchscript, .xml: openvino)",
+    )
+    p.add_argument("-o", "--output", required=True, help="output file (.onnx, .pt, or .xml with .bin beside it)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument(
         "--exporter", choices=EXPORTERS, default="dynamo", help="ONNX exporter: torch.export-based or legacy"
@@ -37,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="ONNX only: also time ONNX Runtime against PyTorch eager on batches of N (interleaved rounds)",
+        help="ONNX and OpenVINO: also time the runtime against PyTorch eager on batches of N (interleaved rounds)",
     )
     p.add_argument("--bench-rounds", type=int, default=5, help="rounds for --bench-batch (median reported)")
     p.set_defaults(func=run)
@@ -69,13 +74,14 @@ def run(args: argparse.Namespace) -> int:
             f"checked against PyTorch on batches {c['batches']}: max abs diff {c['max_abs_diff']:.3g}, "
             f"max relative diff {c['max_rel_diff']:.3g} (limit {args.rtol:g})"
         )
-    if args.bench_batch > 0 and args.format == "onnx":
-        from ..bench.runtimes import onnxruntime_vs_eager
+    if args.bench_batch > 0 and args.format in ("onnx", "openvino"):
+        from ..bench.runtimes import RUNTIME_NAMES, runtime_vs_eager
 
-        med = onnxruntime_vs_eager(loaded.model, out.path, args.bench_batch, args.bench_rounds)
+        med = runtime_vs_eager(loaded.model, out.path, args.format, args.bench_batch, args.bench_rounds)
+        name = RUNTIME_NAMES[args.format]
         print(
             f"throughput (batch {args.bench_batch}, {med['threads']} threads, median of {args.bench_rounds} rounds): "
-            f"PyTorch eager {med['pytorch_eager']:.1f} img/s, ONNX Runtime {med['onnxruntime']:.1f} img/s "
-            f"({med['onnxruntime'] / med['pytorch_eager']:.2f}x)"
+            f"PyTorch eager {med['pytorch_eager']:.1f} img/s, {name} {med['runtime']:.1f} img/s "
+            f"({med['runtime'] / med['pytorch_eager']:.2f}x)"
         )
     return 0

@@ -20,12 +20,19 @@ import torch
 from ..errors import ArgumentError
 from .info import input_size_of, write_sidecar
 from .onnx import DEFAULT_OPSET, export_onnx, onnx_files_size, verify_onnx
+from .openvino import export_openvino, openvino_files_size, verify_openvino
 from .torchscript import export_torchscript, verify_torchscript
 
 __all__ = ["FORMATS", "Exported", "export_format", "export_model"]
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-_SUFFIX_FORMAT = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
+_SUFFIX_FORMAT = {
+    ".onnx": "onnx",
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".ts": "torchscript",
+    ".xml": "openvino",
+}
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Exported:
 
 def export_format(output: str | os.PathLike, format: str | None = None) -> str:
     """The format to write ``output`` in: ``format`` if given (it must agree with the suffix), else the
-    suffix's (``.onnx``: ONNX; ``.pt``, ``.pth``, ``.ts``: TorchScript), else ONNX."""
+    suffix's (``.onnx``: ONNX; ``.pt``, ``.pth``, ``.ts``: TorchScript; ``.xml``: OpenVINO IR), else ONNX."""
     if not os.fspath(output).strip() or os.fspath(output).endswith(("/", os.sep)):
         raise ArgumentError("{output} {path!r}: give a file path, e.g. model.onnx", path=os.fspath(output))
     output = Path(output)
@@ -53,8 +60,8 @@ def export_format(output: str | os.PathLike, format: str | None = None) -> str:
         raise ArgumentError("unknown {format} {value!r}; expected one of {known}", value=format, known=known)
     if implied is not None and implied != format:
         raise ArgumentError(
-            "{output} {path} names a {implied} file but {format} is {value}: choose {format} {implied} or name the "
-            "file *{suffix}",
+            "{output} {path}: its suffix means {implied}, but {format} is {value}: choose {format} {implied} "
+            "or name the file *{suffix}",
             path=output,
             implied=implied,
             value=format,
@@ -80,8 +87,9 @@ def export_model(
 
     Args:
         loaded: what :func:`repavit.models.load_model` returned (the model in the form to export).
-        output: the file to write (``.onnx`` for ONNX, ``.pt`` for TorchScript); ``<output>.json`` beside it.
-        format: ``"onnx"`` or ``"torchscript"``; None: from the suffix (see :func:`export_format`).
+        output: the file to write (``.onnx`` for ONNX, ``.pt`` for TorchScript, ``.xml`` for an OpenVINO IR,
+            whose ``.bin`` goes beside it); ``<output>.json`` beside it.
+        format: ``"onnx"``, ``"torchscript"`` or ``"openvino"``; None: from the suffix (see :func:`export_format`).
         opset, exporter: ONNX opset and exporter (``"dynamo"`` or ``"legacy"``).
         method: TorchScript ``"auto"``, ``"script"`` or ``"trace"``.
         batch_size: batch of the example input used to export; the check runs batches 1 and ``batch_size + 1``.
@@ -120,6 +128,10 @@ def _export_in(folder, output, format, loaded, opset, exporter, method, batch_si
             export_onnx(model, staged, size, batch_size, opset, exporter, metadata=meta)
             verifier, nbytes = verify_onnx, onnx_files_size(staged)
             description = f"ONNX opset {opset}, {exporter} exporter, dynamic batch axis"
+        elif format == "openvino":
+            export_openvino(model, staged, size, batch_size, metadata={"repavit_record": record.to_dict()})
+            verifier, nbytes = verify_openvino, openvino_files_size(staged)
+            description = "OpenVINO IR, fp32 weights, dynamic batch axis"
         else:
             extra_files = {"repavit_record.json": json.dumps(record.to_dict())}
             export_torchscript(model, staged, method, extra_files=extra_files)
