@@ -219,8 +219,29 @@ def test_torchscript_export(tmp_path, fused, method):
             assert rel_err(loaded(inputs), fused(inputs)) <= 1e-5
 
 
+def _isolated(name: str) -> bool:
+    """Run test ``name`` in a fresh process (True here, in the parent; False in that process, which runs it).
+
+    Run in this long pytest process, the runtime tests (OpenVINO, ONNX Runtime's int8 quantizer) left it
+    crashing with a segmentation fault minutes later in an unrelated test (reproduced; never without them).
+    """
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("REPAVIT_TEST_ISOLATED") == name:
+        return False
+    env = {**os.environ, "REPAVIT_TEST_ISOLATED": name}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    return True
+
+
 def test_openvino_export_keeps_the_outputs_record_and_dynamic_batch(tmp_path, trained):
     pytest.importorskip("openvino")
+    if _isolated("test_openvino_export_keeps_the_outputs_record_and_dynamic_batch"):
+        return
     from repavit.export.deploy import export_format, export_model
     from repavit.export.openvino import OvModel, read_openvino_record
     from repavit.models import LoadedModel
@@ -254,6 +275,8 @@ def test_openvino_missing_extra_is_one_clear_error(tmp_path, fused, monkeypatch)
 def test_runtime_bench_forms_time_each_runtime_with_its_vanilla(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
+    if _isolated("test_runtime_bench_forms_time_each_runtime_with_its_vanilla"):
+        return
     from repavit.bench.suite import run_suite
 
     forms = ["vanilla", "reparam", "onnxruntime", "openvino", "vanilla_onnxruntime", "vanilla_openvino"]

@@ -1,6 +1,6 @@
 """OpenVINO IR export (``.xml`` + ``.bin``) and an OpenVINO runner; needs the ``openvino`` extra.
 
-``openvino.convert_model`` traces the PyTorch model directly (no ONNX in between). The IR keeps fp32
+The model is exported to ONNX first (the file ``repavit export`` writes), which OpenVINO converts. The IR keeps fp32
 weights (``compress_to_fp16=False``: OpenVINO's default would halve them and change the outputs) and a
 dynamic batch axis. The runner asks for fp32 inference (``INFERENCE_PRECISION_HINT``), since OpenVINO
 runs bf16 by default on CPUs that have it (AMX, AVX512-BF16), and gives it the thread count asked for.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,20 +43,24 @@ def export_openvino(
 ) -> Path:
     """Write ``model`` (eval mode) as an OpenVINO IR at ``path`` (``.xml``, with ``.bin`` beside it).
 
-    The batch axis is dynamic; ``metadata`` values are stored as JSON strings in the IR's ``rt_info``.
+    The model goes through the ONNX file ``repavit export`` writes (dynamo exporter, dynamic batch axis),
+    which OpenVINO reads with its ONNX frontend: the same graph ONNX Runtime runs, and no TorchScript
+    tracing (OpenVINO's PyTorch frontend traces with the deprecated ``torch.jit.trace``).
+    ``metadata`` values are stored as JSON strings in the IR's ``rt_info``.
     """
+    from .onnx import export_onnx
+
     ov = _ov()
-    model = model.eval()
     path = Path(path)
-    example = torch.zeros(batch_size, *input_size)
-    with warnings.catch_warnings():  # tracing warns about timm's shape asserts, which hold for this input size
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)  # OpenVINO traces internally
-        converted = ov.convert_model(model, example_input=example)
-    converted.reshape({converted.inputs[0]: ov.PartialShape([-1, *input_size])})
-    for key, value in (metadata or {}).items():
-        converted.set_rt_info(json.dumps(value), key)
-    ov.save_model(converted, str(path), compress_to_fp16=False)
+    with tempfile.TemporaryDirectory(
+        prefix=".repavit-openvino-", dir=path.parent if path.parent.exists() else None
+    ) as tmp:
+        onnx_path = export_onnx(model.eval(), Path(tmp) / "model.onnx", input_size, batch_size)
+        converted = ov.convert_model(str(onnx_path))
+        converted.reshape({converted.inputs[0]: ov.PartialShape([-1, *input_size])})
+        for key, value in (metadata or {}).items():
+            converted.set_rt_info(json.dumps(value), key)
+        ov.save_model(converted, str(path), compress_to_fp16=False)
     return path
 
 
