@@ -15,6 +15,8 @@ $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 5 --iters 2 
 $PY -m repavit bench --models RePaViT_Base --batch-size 16 --rounds 3 --iters 2 --no-latency \
     --forms vanilla reparam int8 onnxruntime vanilla_onnxruntime openvino vanilla_openvino \
     onnxruntime_int8 vanilla_onnxruntime_int8 --output $OUT/runtimes.json --plot $OUT/runtimes.png
+# ONNX Runtime: exporter, graph optimization levels, transformer optimizer, threads.
+$PY benchmarks/ort_paths.py --model RePaViT_Base --batch-size 16 --rounds 3 --output $OUT/ort_paths.json
 # RePaViT_Small: training step (batch 32) against timm's deit_small and the authors' masked FFN.
 $PY -m repavit bench --models RePaViT_Small --batch-size 16 --rounds 6 --iters 2 --forms vanilla train reparam \
     --train-step --train-batch-size 32 --output $OUT/vit_small.json --plot $OUT/vit_small.png
