@@ -63,7 +63,7 @@ def test_format_round_trip_and_reference_layout(tmp_path):
         store.get("n01/bad.png")
 
 
-def test_rocksdb_store_round_trip(tmp_path):
+def test_rocksdb_store_round_trip(tmp_path, monkeypatch):
     pytest.importorskip("rocksdict")
     values, indices = torch.randn(2, 2, 2), torch.randint(0, 9, (2, 2, 2))
     store = LabelStore(tmp_path / "labels.db", writable=True)
@@ -71,6 +71,14 @@ def test_rocksdb_store_round_trip(tmp_path):
     store.close()
     reader = LabelStore(tmp_path / "labels.db")
     assert torch.equal(reader.get("cls/a.png")[1], indices) and not reader.has("cls/b.png")
+    # a forked data-loader worker (another pid) never uses the parent's handle: it opens its own
+    parent_handle = reader._db
+    import os
+
+    child = os.getpid() + 1
+    monkeypatch.setattr(os, "getpid", lambda: child)  # as a forked worker sees it
+    assert torch.equal(reader.get("cls/a.png")[1], indices) and reader._db is not parent_handle
+    reader.close()
 
 
 def test_targets_on_the_full_image_are_each_cells_distribution_and_flip_mirrors_them():

@@ -52,7 +52,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -140,19 +140,26 @@ class LabelStore:
         self.writable = writable
         self.is_db = self.path.rstrip("/").endswith(".db")
         self._db: Any = None
+        self._pid: int | None = None  # the process that opened _db
         if not writable and not os.path.exists(self.path):
             raise FileNotFoundError(f"token-label data not found: {self.path} (make it with `repavit label generate`)")
         if not writable and not self.is_db and not os.path.isdir(self.path):
             raise UserError(f"token-label data {self.path} is not a folder (or a RocksDB *.db)")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_db": None}
+        return {**self.__dict__, "_db": None, "_pid": None}
 
     def _rocks(self) -> Any:
-        if self._db is None:
-            from .rocksdb import open_rocksdb
+        """The open database of this process: a handle inherited through fork (data-loader workers) is set
+        aside, never used or closed here, and the database is opened again (as RocksDBDataset does)."""
+        from .rocksdb import _INHERITED, open_rocksdb
 
+        pid = os.getpid()
+        if self._db is None or getattr(self, "_pid", None) != pid:
+            if self._db is not None:
+                _INHERITED.append(self._db)
             self._db = open_rocksdb(self.path, read_only=not self.writable, create=self.writable)
+            self._pid = pid
         return self._db
 
     def file_of(self, key: str) -> Path:
@@ -187,9 +194,9 @@ class LabelStore:
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
     def close(self) -> None:
-        if self._db is not None:
+        if self._db is not None and getattr(self, "_pid", None) == os.getpid():
             self._db.close()
-            self._db = None
+        self._db = None
 
 
 def sample_key(dataset: Dataset, index: int) -> str:
@@ -266,7 +273,9 @@ class TokenLabelTransform:
             if not aa.startswith("rand"):
                 raise UserError(f"token labeling supports RandAugment policies ('rand-...'), not {aa!r}")
             mean = tuple(min(255, round(255 * x)) for x in cfg.mean)
-            hparams = dict(translate_const=int(cfg.input_size * 0.45), img_mean=mean)
+            hparams: dict[str, Any] = dict(translate_const=int(cfg.input_size * 0.45), img_mean=mean)
+            if cfg.train_interpolation != "random":  # as timm's create_transform: the crop's interpolation
+                hparams["interpolation"] = str_to_pil_interp(cfg.train_interpolation)
             ra = rand_augment_transform(aa, hparams, transforms=ra_ops)
             for op in ra.ops:
                 if getattr(op.aug_fn, "__name__", "") in GEOMETRIC_OPS:

@@ -459,9 +459,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: RePaLVViT) -> 
     """Map a checkpoint (LV-ViT's reference layout, or ours) onto ``model``'s keys, checking it fits.
 
     The reference keeps the FFN's LayerNorm in the block (``blocks.i.norm2``); ours keeps it in the
-    FFN (``blocks.i.mlp.norm1``). A training-form stem (``bn1``..``bn3``) loads into a fused model by
-    folding it; a fused stem into a training-form model is refused. Position embeddings of another
-    grid are resampled. Raises :class:`CheckpointMismatchError` naming what differs.
+    FFN (``blocks.i.mlp.norm1``). A stem in the other form than the model's (training form with
+    BatchNorms, or fused) is refused, as FFNs are. Position embeddings of another grid are resampled.
+    Raises :class:`CheckpointMismatchError` naming what differs.
     """
     sd = {}
     for k, v in state_dict.items():
