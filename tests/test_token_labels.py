@@ -190,7 +190,7 @@ def test_generation_round_trip_resumes_and_missing_maps_are_skipped(tmp_path):
     teacher = _tiny_teacher()
     out = tmp_path / "labels"
     stats = generate_token_labels(teacher, data, out, topk=3, batch_size=5, progress=False)
-    assert stats == {"written": 12, "skipped": 0, "images": 12}
+    assert stats == {"written": 12, "skipped": 0, "unreadable": 0, "images": 12}
     store = LabelStore(out)
     values, indices = store.get("00000003")
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_generation_round_trip_resumes_and_missing_maps_are_skipped(tmp_path):
     assert torch.equal(indices, top.indices) and torch.allclose(values, top.values, atol=1e-2)
     (out / "00000005.pt").unlink()
     again = generate_token_labels(teacher, data, out, topk=3, batch_size=5, progress=False)
-    assert again == {"written": 1, "skipped": 11, "images": 12}
+    assert again == {"written": 1, "skipped": 11, "unreadable": 0, "images": 12}
     # training data with a missing map: the sample is skipped like an unreadable image
     (out / "00000007.pt").unlink()
     raw = SyntheticImages(12, 4, 32, split="train", seed=0)
@@ -313,3 +313,25 @@ def test_rocksdb_images_with_rocksdb_labels_train(tmp_path, capsys):
     run += " --epochs 1 --batch_size 6 --num_workers 0 --device cpu --aa none --output_dir " + str(tmp_path / "s")
     assert cli(shlex.split(run)) == 0
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["final"]["images"] == 18
+
+
+def test_generation_skips_an_unreadable_image_and_says_so(tmp_path, capsys):
+    _tiny_folder(tmp_path / "d", per_class=2)
+    (tmp_path / "d" / "train" / "c1" / "broken.png").write_bytes(b"not an image")
+    torch.save({"model": _tiny_teacher(num_classes=3).state_dict()}, tmp_path / "teacher.pth")
+    tiny = (
+        "--model RePaViT_Tiny --img-size 32 --model-arg patch_size=8 depth=1 embed_dim=32 num_heads=2 global_pool=avg"
+    )
+    gen = [
+        "label",
+        "generate",
+        str(tmp_path / "teacher.pth"),
+        *shlex.split(tiny),
+        "--idle-ratio",
+        "0.75",
+        "--topk",
+        "2",
+    ]
+    assert cli([*gen, "--data_path", str(tmp_path / "d"), "-o", str(tmp_path / "labels")]) == 0
+    assert "6 written, 0 already there, 1 unreadable images skipped (7 images)" in capsys.readouterr().out
+    assert not (tmp_path / "labels" / "c1" / "broken.pt").exists() and (tmp_path / "labels" / "c1" / "0.pt").exists()

@@ -149,7 +149,7 @@ def dense_logits(model: nn.Module, x: Tensor) -> Tensor:
 
 
 class _Indexed(Dataset):
-    """``(image, index)`` for the samples still to label."""
+    """``(image or None, index)`` for the samples still to label; None for an image that cannot be read."""
 
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, indices
@@ -157,8 +157,19 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.dataset[self.indices[i]][0], self.indices[i]
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
+        try:
+            return self.dataset[self.indices[i]][0], self.indices[i]
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable or truncated files
+            _logger.warning("skipping unreadable image %s: %s", sample_key(self.dataset, self.indices[i]), e)
+            return None, self.indices[i]
+
+
+def _collate(batch: list[tuple[Tensor | None, int]]) -> tuple[Tensor | None, list[int], int]:
+    """Stack the readable images; return them, their indices and how many were unreadable."""
+    good = [(x, i) for x, i in batch if x is not None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], len(batch) - len(good)
 
 
 def generate_token_labels(
@@ -178,7 +189,8 @@ def generate_token_labels(
     ``dataset`` yields ``(image tensor, label)`` with the teacher's input transform applied (the whole
     image, resized without cropping, so that map cells and image areas correspond). Images whose map
     exists are skipped unless ``overwrite`` (each map is written atomically, so an interrupted run
-    resumes where it stopped). Returns ``{"written", "skipped", "images"}``.
+    resumes where it stopped). An unreadable image is skipped with a warning (no map: training skips it
+    too). Returns ``{"written", "skipped", "unreadable", "images"}``.
     """
     if topk < 1:
         raise ArgumentError("{topk} must be >= 1, got {v0}", v0=topk)
@@ -197,23 +209,28 @@ def generate_token_labels(
             len(todo),
         )
     teacher = teacher.eval().to(device)
-    loader = DataLoader(_Indexed(dataset, todo), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(
+        _Indexed(dataset, todo), batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=_collate
+    )
     bar = Progress(len(loader), "Label", progress, 10, 1)
-    written = 0
+    written = unreadable = 0
     try:
-        for images, idx in loader:
+        for images, idx, bad in loader:
+            unreadable += bad
+            bar.update(len(idx) + bad)
+            if images is None:
+                continue
             scores = dense_logits(teacher, images.to(device)).float()
             if scores.shape[1] < topk:
                 raise ArgumentError("the teacher has {v0} classes, fewer than {topk} {v1}", v0=scores.shape[1], v1=topk)
             values, indices = scores.topk(topk, dim=1)  # (B, k, h, w)
-            for b, i in enumerate(idx.tolist()):
+            for b, i in enumerate(idx):
                 store.put(sample_key(dataset, i), values[b].cpu(), indices[b].cpu())
             written += len(idx)
-            bar.update(len(idx))
     finally:
         bar.close()
         store.close()
-    return {"written": written, "skipped": skipped, "images": len(dataset)}
+    return {"written": written, "skipped": skipped, "unreadable": unreadable, "images": len(dataset)}
 
 
 def teacher_transform(model: nn.Module, img_size: int | None = None):
@@ -233,4 +250,6 @@ def teacher_transform(model: nn.Module, img_size: int | None = None):
 
 def label_summary(output: str | os.PathLike, stats: Mapping[str, int]) -> str:
     done = f"{stats['written']} written, {stats['skipped']} already there"
+    if stats.get("unreadable"):
+        done += f", {stats['unreadable']} unreadable images skipped"
     return f"score maps: {done} ({stats['images']} images) in {Path(output)}"
