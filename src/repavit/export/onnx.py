@@ -221,15 +221,18 @@ def ort_forward(model: OrtModel | str | os.PathLike, x: Tensor | np.ndarray) -> 
 
 
 @torch.no_grad()
-def verify_onnx(
-    path: str | os.PathLike, model: nn.Module, inputs: Sequence[Tensor], rtol: float | None = 1e-4
+def compare_with_pytorch(
+    runner: Callable[[Tensor], np.ndarray],
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    rtol: float | None = 1e-4,
+    runtime: str = "the runtime",
 ) -> dict[str, Any]:
-    """Run ``path`` in ONNX Runtime on each input and compare with ``model`` (PyTorch).
+    """Run ``runner`` (an exported file in ``runtime``) and ``model`` (PyTorch) on each input and compare.
 
-    Returns ``max_abs_diff`` (over all inputs) and ``max_rel_diff`` (max |diff| / max |reference|).
-    With ``rtol`` set, a relative difference above it raises ``RuntimeError``.
+    Returns ``max_abs_diff`` (over all inputs), ``max_rel_diff`` (max |diff| / max |reference|) and the
+    batches. With ``rtol`` set, a relative difference above it raises :class:`VerificationError`.
     """
-    runner = OrtModel(path)
     model = model.eval()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -239,7 +242,7 @@ def verify_onnx(
         out = runner(x)
         if out.shape != ref.shape:
             raise VerificationError(
-                f"ONNX output shape {out.shape} differs from PyTorch's {ref.shape} for input {tuple(x.shape)}"
+                f"{runtime} output shape {out.shape} differs from PyTorch's {ref.shape} for input {tuple(x.shape)}"
             )
         diff = float(np.abs(out - ref).max())
         max_abs = max(max_abs, diff)
@@ -247,6 +250,13 @@ def verify_onnx(
     result = {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batches": [int(x.shape[0]) for x in inputs]}
     if rtol is not None and max_rel > rtol:
         raise VerificationError(
-            f"ONNX Runtime output differs from PyTorch by {max_rel:.3g} relative (max abs {max_abs:.3g}) > {rtol:g}"
+            f"{runtime} output differs from PyTorch by {max_rel:.3g} relative (max abs {max_abs:.3g}) > {rtol:g}"
         )
     return result
+
+
+def verify_onnx(
+    path: str | os.PathLike, model: nn.Module, inputs: Sequence[Tensor], rtol: float | None = 1e-4
+) -> dict[str, Any]:
+    """Run ``path`` in ONNX Runtime on each input and compare with ``model`` (see :func:`compare_with_pytorch`)."""
+    return compare_with_pytorch(OrtModel(path), model, inputs, rtol, "ONNX Runtime")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import MissingExtraError, VerificationError
+from ..errors import MissingExtraError
+from .onnx import compare_with_pytorch, export_onnx
 
 __all__ = ["OvModel", "export_openvino", "openvino_files_size", "read_openvino_record", "verify_openvino"]
 
@@ -48,8 +49,6 @@ def export_openvino(
     tracing (OpenVINO's PyTorch frontend traces with the deprecated ``torch.jit.trace``).
     ``metadata`` values are stored as JSON strings in the IR's ``rt_info``.
     """
-    from .onnx import export_onnx
-
     ov = _ov()
     path = Path(path)
     with tempfile.TemporaryDirectory(
@@ -108,24 +107,5 @@ class OvModel:
 def verify_openvino(
     path: str | os.PathLike, model: nn.Module, inputs: Sequence[Tensor], rtol: float | None = 1e-4
 ) -> dict[str, Any]:
-    """Run the IR on each input and compare with ``model`` (PyTorch), like :func:`repavit.export.verify_onnx`."""
-    runner = OvModel(path)
-    model = model.eval()
-    max_abs, max_rel = 0.0, 0.0
-    for x in inputs:
-        with torch.no_grad():
-            ref = model(x).float().cpu().numpy()
-        out = runner(x)
-        if out.shape != ref.shape:
-            raise VerificationError(
-                f"OpenVINO output shape {out.shape} differs from PyTorch's {ref.shape} for input {tuple(x.shape)}"
-            )
-        diff = float(np.abs(out - ref).max())
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(float(np.abs(ref).max()), 1e-30))
-    result = {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batches": [int(x.shape[0]) for x in inputs]}
-    if rtol is not None and max_rel > rtol:
-        raise VerificationError(
-            f"OpenVINO output differs from PyTorch by {max_rel:.3g} relative (max abs {max_abs:.3g}) > {rtol:g}"
-        )
-    return result
+    """Run the IR in OpenVINO on each input and compare with ``model`` (see :func:`compare_with_pytorch`)."""
+    return compare_with_pytorch(OvModel(path), model, inputs, rtol, "OpenVINO")
