@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests
 	$(VENV)/bin/ruff check --fix src tests
 
-# The whole suite, slow tests (big models, subprocesses) included: this is what CI runs.
+# The whole suite, slow tests (big models, subprocesses) included, and the GPU script's CPU dry run:
+# this is what CI runs.
 test: lint
 	$(PY) -m pytest -q
+	$(MAKE) gpu-check-dry
+
+# benchmarks/gpu_check.sh's steps on the CPU at tiny sizes (about a minute), so the script keeps working.
+gpu-check-dry: $(STAMP)
+	rm -rf out/gpu_check_dry
+	PY=$(PY) bash benchmarks/gpu_check.sh --dry-run out/gpu_check_dry
 
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not cuda"
 
 demo: $(STAMP)
 	$(PY) -m repavit.demo --output-dir out/demo

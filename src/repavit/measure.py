@@ -1,7 +1,7 @@
 """Timing and counting primitives: interleaved throughput, peak memory, GMACs, parameters, machine info.
 
-Below ``train``, ``bench`` and ``export``, which all count and time models; imports nothing of the
-package but :mod:`repavit.utils`.
+Below ``train``, ``bench`` and ``export``, which all count and time models, and where they check the
+device they are given; imports nothing of the package but :mod:`repavit.utils` and :mod:`repavit.errors`.
 
 Single timings on a shared CPU drift by tens of percent between runs, so every variant of a model
 is timed in the same process, interleaved round by round (the order rotates each round), after a
@@ -17,18 +17,23 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .errors import ArgumentError
 from .utils import format_eta
 
 __all__ = [
+    "HALF_DTYPES",
+    "attention_kernels",
+    "check_device",
     "count_gmacs",
     "count_params",
+    "inference_precision",
     "interleaved_throughput",
     "machine_info",
     "peak_memory_mb",
@@ -79,6 +84,62 @@ def count_gmacs(model: nn.Module, img_size: int = 224, in_chans: int = 3, attent
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`, or a one-line error if this machine cannot run on it
+    (not a device name, no CUDA GPU, a GPU index past the last one)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError("{device} {v0} is not a device: expected cpu, cuda or cuda:N", v0=device) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(
+                "{device} {v0} was asked for but no CUDA GPU is available (use {device} cpu)", v0=device
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ArgumentError(
+                "{device} {v0}: this machine has {v1} CUDA GPU(s), numbered 0 to {v2}",
+                v0=device,
+                v1=count,
+                v2=count - 1,
+            )
+    elif dev.type not in ("cpu", "meta"):
+        raise ArgumentError("{device} {v0}: only cpu and cuda are supported", v0=device)
+    return dev
+
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def inference_precision(mode: str | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """``off``/None: fp32, nothing changed. ``fp16``/``bf16``: autocast to that type, with scaled-dot-product
+    attention preferring the flash kernel, then the memory-efficient one, then math (a kernel that cannot
+    take the call, e.g. flash with Swin's window mask on CUDA, passes it to the next)."""
+    if mode in (None, "off"):
+        yield
+        return
+    if mode not in HALF_DTYPES:
+        raise ValueError(f"precision {mode!r}: expected off, fp16 or bf16")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.autocast(device_type=torch.device(device).type, dtype=HALF_DTYPES[mode]):
+        with sdpa_kernel(order, set_priority=True):
+            yield
+
+
+def attention_kernels(fn: Callable[[], object]) -> list[str]:
+    """The attention kernels (aten op names, e.g. ``_scaled_dot_product_flash_attention``) that ``fn()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    names = {e.name.removeprefix("aten::") for e in p.events()}
+    return sorted(n for n in names if n in _SDPA_OPS or n.startswith("_scaled_dot_product"))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "format_eta", "write_json", "write_text"]
+__all__ = ["atomic_write", "format_eta", "parse_value", "write_json", "write_text"]
 
 # The process's umask, read once at import (reading it means setting it, which must not happen
 # while other threads write).
@@ -60,3 +60,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def parse_value(text: str) -> Any:
+    """A ``KEY=VALUE`` flag's value: YAML (``0.5``, ``true``, ``[8, 16]``), where an unbracketed
+    comma list is a list (``8,16,24,32`` -> ``[8, 16, 24, 32]``); text that is not YAML stays text."""
+    import yaml
+
+    text = text.strip()
+    if "," in text and not text.startswith(("[", "{", "'", '"')):
+        text = f"[{text}]"
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -49,6 +49,7 @@ from ..layers.idle_mlp import ChannelIdleMlp, FusedIdleMlp
 from ..measure import (
     count_gmacs,
     count_params,
+    inference_precision,
     interleaved_throughput,
     machine_info,
     peak_memory_mb,
@@ -217,24 +218,36 @@ def agreement(y: Tensor, ref: Tensor) -> dict:
 
 # ---- training step -----------------------------------------------------------------------------
 def _train_steps(
-    models: dict[str, nn.Module], batch_size: int, img_size: int, device: torch.device
+    models: dict[str, nn.Module],
+    batch_size: int,
+    img_size: int,
+    device: torch.device,
+    amp: str = "off",
+    channels_last: bool = False,
 ) -> dict[str, Callable[[], None]]:
-    """One callable per model doing forward + backward + SGD step on a fixed random batch (train mode)."""
+    """One callable per model doing forward + backward + SGD step on a fixed random batch (train mode);
+    ``amp`` autocasts the forward and the loss (no scaler: the timing is the same)."""
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def make(m: nn.Module) -> Callable[[], None]:
         opt = torch.optim.SGD(m.parameters(), lr=1e-4)
 
         def run() -> None:
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y % m.num_classes if hasattr(m, "num_classes") else y).backward()
+            with inference_precision(amp, device):
+                loss = F.cross_entropy(m(x), y % m.num_classes if hasattr(m, "num_classes") else y)
+            loss.backward()
             opt.step()
 
         return run
 
     for m in models.values():
         m.train()
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
     return {k: make(m) for k, m in models.items()}
 
 
@@ -246,19 +259,26 @@ def train_step_times(
     warmup: int,
     device: torch.device,
     desc: str | None = None,
+    amp: str = "off",
+    channels_last: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per training step (forward + backward + SGD step), interleaved across models."""
-    steps = _train_steps(models, batch_size, img_size, device)
+    steps = _train_steps(models, batch_size, img_size, device, amp, channels_last)
     ips = interleaved_throughput(steps, batch_size, rounds, 1, warmup, device, desc=desc)
     return {k: [batch_size / v for v in vals] for k, vals in ips.items()}
 
 
 def train_step_peak_memory(
-    models: dict[str, nn.Module], batch_size: int, img_size: int, device: torch.device
+    models: dict[str, nn.Module],
+    batch_size: int,
+    img_size: int,
+    device: torch.device,
+    amp: str = "off",
+    channels_last: bool = False,
 ) -> dict[str, float | None]:
     """Peak memory (MiB) of one training step per model: activations kept for backward, gradients."""
     out = {}
-    for k, step in _train_steps(models, batch_size, img_size, device).items():
+    for k, step in _train_steps(models, batch_size, img_size, device, amp, channels_last).items():
         step()  # warm: first-call workspaces, gradient buffers
         out[k] = peak_memory_mb(step, device)
     return out
@@ -339,8 +359,13 @@ def run_suite(
     device: str = "cpu",
     output: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
+    amp: str = "off",
+    channels_last: bool = False,
     **model_kwargs,
 ) -> dict:
+    """Time every form of each model (see the module docstring); ``amp`` (off, fp16, bf16) autocasts the
+    PyTorch forms, forward and training step, with SDPA's flash kernel preferred; ``channels_last`` puts
+    them and their input in that memory format."""
     dev = torch.device(device)
     results: dict = {
         "machine": machine_info(),
@@ -352,6 +377,8 @@ def run_suite(
             iters=iters,
             warmup=warmup,
             train_batch_size=train_batch_size,
+            amp=amp,
+            channels_last=channels_last,
             model_kwargs=model_kwargs,
         ),
         "models": {},
@@ -359,7 +386,7 @@ def run_suite(
     }
 
     plan = _Plan(forms, batch_size, img_size, rounds, iters, warmup, latency, train_step, train_batch_size,
-                 breakdown, sweep_sizes, sweep_batches, model_kwargs)  # fmt: skip
+                 breakdown, sweep_sizes, sweep_batches, model_kwargs, amp, channels_last)  # fmt: skip
 
     def save() -> None:  # after every measurement: an interrupted run keeps what it measured
         if output:
@@ -413,6 +440,29 @@ class _Plan:
     sweep_sizes: Sequence[int]
     sweep_batches: Sequence[int]
     model_kwargs: dict
+    amp: str = "off"
+    channels_last: bool = False
+
+
+def _runners(fns: dict[str, Callable], x: Tensor, plan: _Plan, dev: torch.device) -> tuple[dict[str, Callable], Tensor]:
+    """``fns`` as the timing calls them, and the input: the PyTorch float forms (and ``compile``) under
+    ``plan.amp``'s autocast and in channels-last if asked; int8 and the runtimes keep their own precision."""
+    torch_forms = [k for k in fns if k in FLOAT_FORMS or k == "compile"]
+    if plan.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for k in torch_forms:
+            fns[k].to(memory_format=torch.channels_last)
+    if plan.amp == "off":
+        return dict(fns), x
+
+    def precise(f: Callable) -> Callable:
+        def run(inp: Tensor) -> Tensor:
+            with inference_precision(plan.amp, dev):
+                return f(inp)
+
+        return run
+
+    return {k: precise(f) if k in torch_forms else f for k, f in fns.items()}, x
 
 
 def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir: str, save: Callable) -> None:
@@ -425,7 +475,8 @@ def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir:
     model = timm.create_model(name, img_size=img_size, **model_kwargs).to(dev).eval()
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     fns = build_inference_forms(model, forms, x, tmpdir)
-    with torch.no_grad():
+    run, x = _runners(fns, x, plan, dev)
+    with torch.no_grad(), inference_precision(plan.amp, dev):
         ref = fns["reparam"](x) if "reparam" in fns else model(x)
         train_out = model(x)
     entry["reparam_vs_train"] = agreement(ref, train_out)
@@ -435,16 +486,16 @@ def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir:
             info["params_m"] = count_params(f) / 1e6
             info["gmacs"] = count_gmacs(f, img_size)
         with torch.no_grad():
-            y = f(x)  # also warms up (first-call workspaces, compilation) before the memory measurement
+            y = run[k](x)  # also warms up (first-call workspaces, compilation) before the memory measurement
             if k not in ("vanilla", "train") and not k.startswith("vanilla_"):
                 info["agreement_with_reparam"] = agreement(y, ref)
             if k not in RUNTIME_FORMS:  # the runtimes allocate outside PyTorch
-                info["peak_memory_mb"] = peak_memory_mb(lambda f=f, x=x: f(x), dev)
+                info["peak_memory_mb"] = peak_memory_mb(lambda f=run[k], x=x: f(x), dev)
         entry["forms"][k] = info
     save()
     with torch.no_grad():
         t = interleaved_throughput(
-            {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, batch_size, rounds, iters, warmup, dev,
+            {k: (lambda f=f, x=x: f(x)) for k, f in run.items()}, batch_size, rounds, iters, warmup, dev,
             desc=f"{name} throughput (batch {batch_size})",
         )  # fmt: skip
     for k, v in t.items():
@@ -455,7 +506,7 @@ def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir:
         x1 = x[:1]
         with torch.no_grad():
             lat = interleaved_throughput(
-                {k: (lambda f=f, x1=x1: f(x1)) for k, f in fns.items()}, 1, rounds, iters, warmup, dev,
+                {k: (lambda f=f, x1=x1: f(x1)) for k, f in run.items()}, 1, rounds, iters, warmup, dev,
                 desc=f"{name} latency (batch 1)",
             )  # fmt: skip
         for k, v in lat.items():
@@ -467,9 +518,12 @@ def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir:
         if v is not None:
             tmodels = {"vanilla": v.to(dev), **tmodels}
         st = train_step_times(
-            tmodels, plan.train_batch_size, img_size, max(3, rounds // 2), 1, dev, desc=f"{name} train step"
+            tmodels, plan.train_batch_size, img_size, max(3, rounds // 2), 1, dev, desc=f"{name} train step",
+            amp=plan.amp, channels_last=plan.channels_last,
+        )  # fmt: skip
+        entry["train_step_peak_memory_mb"] = train_step_peak_memory(
+            tmodels, plan.train_batch_size, img_size, dev, plan.amp, plan.channels_last
         )
-        entry["train_step_peak_memory_mb"] = train_step_peak_memory(tmodels, plan.train_batch_size, img_size, dev)
         entry["train_step_s"] = {k: summarize(v) for k, v in st.items()}
         med = {k: v["median"] for k, v in entry["train_step_s"].items()}
         entry["train_step_ratios"] = {f"{k}/train": med[k] / med["train"] for k in med if k != "train"}

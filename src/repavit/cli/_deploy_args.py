@@ -6,10 +6,9 @@ import argparse
 import os
 from typing import Any
 
-import yaml
-
 from ..errors import UserError
 from ..layers.idle_mlp import FEATURE_NORMS, HEURISTIC_CHOICES
+from ..utils import parse_value
 
 
 def add_source_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> None:
@@ -71,7 +70,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
         if key in RUNTIME_ARGS:
             raise UserError(f"--model-arg {key} is not a model setting (the command decides it; see its --help)")
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_value(value)
     return out
 
 

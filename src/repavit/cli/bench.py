@@ -41,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--idle-ratio", type=float, default=None, help="default: each model's own (0.75; 2/3 for RePa-LV-ViT)"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--amp", default="off", choices=("off", "fp16", "bf16"),
+        help="autocast the PyTorch forms (SDPA flash kernel preferred); int8 and the runtimes are unaffected",
+    )  # fmt: skip
+    p.add_argument("--channels-last", action="store_true", help="the PyTorch forms and inputs in channels-last")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", default=None, help="write results as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG chart here")
@@ -53,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench.suite import run_suite
     from ..errors import UserError
+    from ..measure import check_device
     from ..models import is_repa_model, list_models
 
+    check_device(args.device)
     for name in args.models:
         if not is_repa_model(name):
             names = ", ".join(n for n in list_models() if n.startswith("RePa"))
@@ -76,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         sweep_sizes=args.sweep_sizes,
         sweep_batches=args.sweep_batches,
         device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
         output=args.output,
         plot=args.plot,
         **({} if args.idle_ratio is None else {"idle_ratio": args.idle_ratio}),

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from timm.data import create_transform, resolve_model_data_config
 
     from ..export import input_size_of
+    from ..measure import check_device
     from ._deploy_args import load_from_args
 
     if args.top_k < 1:
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give the weights: --checkpoint FILE_OR_FOLDER or --pretrained (with --model)")
     if args.checkpoint is not None and args.pretrained:
         raise UserError("give either --checkpoint or --pretrained, not both")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} was asked for but no CUDA GPU is available (use --device cpu)")
+    check_device(args.device)
     for f in args.images:
         if not Path(f).is_file():
             raise FileNotFoundError(f"image not found: {f}")

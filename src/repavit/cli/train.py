@@ -14,9 +14,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 from ..train.config import GROUPS, TrainConfig, config_fields, load_yaml
+from ..utils import parse_value
 from ._run import Parser, add_spelling_aliases, run_command, seed_flag
 
 __all__ = ["add_config_arguments", "build_seed_parser", "config_from_args", "register", "run", "seed_main"]
@@ -32,10 +31,7 @@ def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
+    return key.strip(), parse_value(value)
 
 
 def _spellings(name: str) -> list[str]:

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ArgumentError, UserError
+from ..errors import UserError
+from ..measure import check_device
 
 __all__ = [
     "DistEnv",
@@ -51,7 +52,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Several processes, or one process in a process group (an explicit backend under a launcher)."""
+        return self.world_size > 1 or self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -82,13 +84,12 @@ def detect_launcher(environ: Mapping[str, str] | None = None) -> tuple[str, int,
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda`` if available else ``cpu``; bare ``cuda`` -> this process's GPU."""
+    """``auto`` -> ``cuda`` if available else ``cpu``; bare ``cuda`` -> this process's GPU (local rank modulo
+    the GPUs); anything this machine lacks is a one-line error (:func:`~repavit.measure.check_device`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ArgumentError("{device} cuda was requested but no CUDA GPU is available (use {device} cpu)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -96,14 +97,22 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
-    """Detect the launcher, pick the device and create the process group when there are several processes."""
+    """Detect the launcher, pick the device and create the process group when there are several processes.
+
+    One process started by torchrun or Slurm runs without a process group, unless ``backend`` is given
+    (``nccl``, ``gloo``): then it gets one of size 1, with DDP and SyncBatchNorm as in a multi-GPU run,
+    which is how one GPU exercises the multi-GPU code path.
+    """
     launcher, rank, world, local = detect_launcher()
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside a world of {world} processes")
     dev = resolve_device(device, local)
     env = DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher, device=dev)
-    if world == 1:
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    if world == 1 and not (launched and backend != "auto"):
         return env
+    if world == 1:
+        env.launcher = "torchrun" if "RANK" in os.environ else "slurm"
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise UserError(

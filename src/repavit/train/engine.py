@@ -27,18 +27,24 @@ _logger = logging.getLogger(__name__)
 class Precision:
     """Autocast and gradient scaling for one ``--amp`` setting on one device.
 
-    ``auto``: fp16 with a gradient scaler on CUDA, full fp32 elsewhere. ``bf16``: bfloat16 autocast
-    (CPU or CUDA), no scaler. ``fp16`` needs CUDA. ``off``: fp32.
+    ``auto``: fp16 with a gradient scaler on CUDA, full fp32 elsewhere. ``fp16``: float16 autocast with
+    a gradient scaler on any device (``torch.amp.GradScaler`` runs on CPU too, which is how CI exercises
+    the GPU recipe's path; CPU fp16 is correct but not fast). ``bf16``: bfloat16 autocast, no scaler.
+    ``off``: fp32.
+
+    With the scaler, an update whose gradients hold inf/NaN is skipped and the scale halved (the
+    scaler's own rule); :attr:`skipped` counts them.
     """
 
     def __init__(self, mode: str, device: torch.device) -> None:
         if mode == "auto":
             mode = "fp16" if device.type == "cuda" else "off"
-        if mode == "fp16" and device.type != "cuda":
-            raise ArgumentError("{amp} fp16 needs a CUDA device, not {v0}; use {amp} bf16 or {amp} off", v0=device.type)
+        if mode not in ("fp16", "bf16", "off"):
+            raise ArgumentError("{amp} {v0} is not a precision; expected auto, fp16, bf16 or off", v0=mode)
         self.mode, self.device = mode, device
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
-        self.scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+        self.skipped = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -56,8 +62,10 @@ class Precision:
             if clip_grad is not None:
                 self.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            before = self.scaler.get_scale()
             self.scaler.step(optimizer)
             self.scaler.update()
+            self.skipped += int(self.scaler.get_scale() < before)  # the scale only drops on a skipped step
         else:
             if clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
@@ -100,6 +108,7 @@ def train_one_epoch(
     start_step: int = 0,
     carry: tuple[float, int] = (0.0, 0),
     stop: Any = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Train for ``updates_per_epoch`` optimizer updates of ``accumulation_steps`` micro-batches each.
 
@@ -114,8 +123,8 @@ def train_one_epoch(
     process has received a stop signal.
 
     Returns the mean loss over all processes, the last learning rate, the number of images and
-    images/s, and ``stopped_at`` (micro-batches done when stopped early, else None) with this
-    process's ``carry`` at that point.
+    images/s (with the fp16 scaler also ``skipped_updates`` and ``loss_scale``), and ``stopped_at``
+    (micro-batches done when stopped early, else None) with this process's ``carry`` at that point.
     """
     model.train()
     unwrapped = model.module if hasattr(model, "no_sync") else model
@@ -128,10 +137,11 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     loss_sum, seen = float(carry[0]), int(carry[1])
     stopped_at = None
+    skipped_before = precision.skipped
     for i, (images, targets) in enumerate(loader, start_step):
         if i >= n_micro:
             break
-        images = images.to(env.device, non_blocking=True)
+        images = _images_to(images, env.device, channels_last)
         targets = _to_device(targets, env.device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -157,14 +167,24 @@ def train_one_epoch(
             stopped_at = i + 1
             break
     progress.close()
-    return _epoch_result(progress, optimizer, env, loss_sum, seen, stopped_at)
+    result = _epoch_result(progress, optimizer, env, loss_sum, seen, stopped_at)
+    if precision.scaler is not None:  # fp16: updates skipped for inf/NaN gradients, and the scale they left
+        result["skipped_updates"] = precision.skipped - skipped_before
+        result["loss_scale"] = float(precision.scaler.get_scale())
+    return result
+
+
+def _images_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch on ``device`` (asynchronously where the loader pinned it), channels-last if asked."""
+    images = images.to(device, non_blocking=images.is_pinned())
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def _to_device(targets: Any, device: torch.device) -> Any:
     """Class ids, or a token-label batch (a dict of tensors), on ``device``."""
     if isinstance(targets, dict):
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
-    return targets.to(device, non_blocking=True)
+        return {k: _to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
+    return targets.to(device, non_blocking=targets.is_pinned())
 
 
 def _update(precision: Precision, optimizer: torch.optim.Optimizer, params: list, clip_grad: float | None) -> None:
@@ -198,6 +218,7 @@ def evaluate(
     precision: Precision | None = None,
     desc: str = "Test",
     log_freq: int = 10,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) and cross-entropy of ``model`` on ``loader``.
 
@@ -212,8 +233,8 @@ def evaluate(
     correct1 = correct5 = loss_sum = n = 0.0
     ctx = precision.autocast if precision is not None else contextlib.nullcontext
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images = _images_to(images, device, channels_last)
+        targets = targets.to(device, non_blocking=targets.is_pinned())
         with ctx():
             output = model(images)
         output = output.float()

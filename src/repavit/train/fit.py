@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, UserError
-from ..measure import count_gmacs, count_params, interleaved_throughput
+from ..measure import (
+    HALF_DTYPES,
+    attention_kernels,
+    count_gmacs,
+    count_params,
+    inference_precision,
+    interleaved_throughput,
+    peak_memory_mb,
+)
 from ..models import Checkpoint, foldable, open_checkpoint, reparameterize_model
 from ..utils import write_json
 from .builders import (
@@ -148,10 +156,14 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             "device": str(env.device),
             "amp": trainer.precision.mode,
             "launcher": env.launcher,
+            "backend": env.backend,
+            "sync_bn": bool(cfg.sync_bn and env.distributed),
+            "channels_last": cfg.channels_last,
         }
+        group = f", {env.backend}" if env.backend else ""
         say(
             f"{cfg.model}: {trainer.n_params / 1e6:.2f} M trainable parameters; {env.world_size} process(es) on "
-            f"{env.device.type} ({env.launcher}); global batch {effective['global_batch_size']}, "
+            f"{env.device.type} ({env.launcher}{group}); global batch {effective['global_batch_size']}, "
             f"lr {trainer.lrs['lr']:.3g} (min {trainer.lrs['min_lr']:.3g}, warmup {trainer.lrs['warmup_lr']:.3g})"
         )
         info = complexity(trainer.unwrapped, cfg.input_size) if env.is_main else {}
@@ -220,12 +232,17 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
         )
         reparameterized = bool(getattr(model, "reparameterized", False))
         model.to(env.device).eval()
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
         _, val_loader = build_loaders(cfg, env, None, val_ds, torch.Generator())
         info = complexity(model, cfg.input_size) if env.is_main else {}
         if reparameterized and env.is_main:
             say("evaluating the reparameterized model")
         _print_complexity(say, info)
-        stats = evaluate(model, val_loader, env, sharded=env.distributed and cfg.dist_eval, log_freq=cfg.log_freq)
+        sharded = env.distributed and cfg.dist_eval
+        stats = evaluate(
+            model, val_loader, env, sharded=sharded, log_freq=cfg.log_freq, channels_last=cfg.channels_last
+        )
         say(
             f"Accuracy of the network on the {stats['images']} test images: "
             f"top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}%"
@@ -254,7 +271,8 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict[str, Any]:
 # ---- speed ----------------------------------------------------------------------------------------
 def speed_test(cfg: TrainConfig) -> dict[str, Any]:
     """``--test_speed``: images/s of the chosen form (three measurements, as the authors print them)
-    and of the other form, timed interleaved in the same process, with their ratio. No dataset needed."""
+    and of the other form, timed interleaved in the same process, with their ratio. No dataset needed.
+    With ``--output_dir`` the result is also written to ``speed.json`` there."""
     env = init_distributed(cfg.device, cfg.dist_backend)
     try:
         _quiet_other_ranks(env)
@@ -264,6 +282,10 @@ def speed_test(cfg: TrainConfig) -> dict[str, Any]:
         result: dict[str, Any] = {}
         if env.is_main:
             result = _speed(cfg, env, say, ckpt)
+            if cfg.output_dir:  # beside what the folder holds; replaces an earlier speed test's
+                path = Path(cfg.output_dir) / "speed.json"
+                write_json(path, result)
+                say(f"wrote {path}")
         barrier(env)
         return result
     finally:
@@ -315,17 +337,24 @@ def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer, ckpt: Checkpoint | Non
     names = {"train": "training form", "reparam": "reparameterized"}
     info = {k: {"params_m": count_params(m) / 1e6, "gmacs": count_gmacs(m, cfg.input_size)} for k, m in forms.items()}
     _print_complexity(say, {("before" if k == "train" else "after"): v for k, v in info.items()})
+    if cfg.channels_last:
+        forms = {k: m.to(memory_format=torch.channels_last) for k, m in forms.items()}
     batch, iters = _speed_size(cfg, env, forms)
     x = torch.rand(batch, 3, cfg.input_size, cfg.input_size, device=env.device)
-    say(
-        f"Start inference speed testing ({names[chosen]}, batch {batch}, {iters} passes per measurement, fp32, "
-        f"{env.device})..."
-    )
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = cfg.amp if cfg.amp in HALF_DTYPES else "off"  # the authors time fp32; half precision when asked
+    label = "fp32" if amp == "off" else f"{amp} autocast, SDPA flash kernel preferred"
+    say(f"Start inference speed testing ({names[chosen]}, batch {batch}, {iters} passes per measurement, {label}, "
+        f"{env.device})...")  # fmt: skip
     fns = {k: (lambda m=m: m(x)) for k, m in forms.items()}
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_precision(amp, env.device):
+        kernels = attention_kernels(fns[chosen])
         samples = interleaved_throughput(
             fns, batch, rounds=3, iters=iters, warmup=1, device=env.device, desc="speed test"
         )
+        # the CUDA allocator's peak of one pass (the CPU profiler's timeline would cost a slow pass)
+        peak = {k: peak_memory_mb(f, env.device) for k, f in fns.items()} if env.device.type == "cuda" else None
     for v in samples[chosen]:
         say(f"inference_speed: {v:.1f} images/s")
     med = {k: float(np.median(v)) for k, v in samples.items()}
@@ -335,6 +364,9 @@ def _speed(cfg: TrainConfig, env: DistEnv, say: _Printer, ckpt: Checkpoint | Non
         "batch_size": batch,
         "iters": iters,
         "form": chosen,
+        "precision": amp,
+        "attention_kernels": kernels,
+        "peak_memory_mb": peak,
         "images_per_s": samples,
         "median_images_per_s": med,
         "complexity": info,

@@ -163,6 +163,8 @@ class Trainer:
                 )
             )
         model.to(env.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
 
         self.lrs = cfg.scaled_lrs(env.world_size)
         self.optimizer = build_optimizer(cfg, model, self.lrs["lr"])
@@ -428,6 +430,7 @@ class Trainer:
                 start_step=skip,
                 carry=carry,  # type: ignore[arg-type]
                 stop=stop,
+                channels_last=cfg.channels_last,
             )
             if train_stats["stopped_at"] is not None:
                 return self._stop_mid_epoch(stop, epoch, train_stats), test_stats, ema_stats
@@ -458,10 +461,15 @@ class Trainer:
         }
 
     def _evaluate(self, sharded: bool) -> tuple[dict[str, float], dict[str, float] | None]:
-        test_stats = evaluate(self.unwrapped, self.val_loader, self.env, sharded=sharded, log_freq=self.cfg.log_freq)
+        cl = self.cfg.channels_last
+        test_stats = evaluate(
+            self.unwrapped, self.val_loader, self.env, sharded=sharded, log_freq=self.cfg.log_freq, channels_last=cl
+        )
         ema_stats = None
         if self.ema is not None:
-            ema_stats = evaluate(self.ema.module, self.val_loader, self.env, sharded=sharded, desc="Test (EMA)")
+            ema_stats = evaluate(
+                self.ema.module, self.val_loader, self.env, sharded=sharded, desc="Test (EMA)", channels_last=cl
+            )
         return test_stats, ema_stats
 
     def _end_epoch(
@@ -560,7 +568,10 @@ class Trainer:
 
     def _final_reparam(self, summary: dict[str, Any], test_stats: dict[str, Any], sharded: bool) -> None:
         fused = reparameterize_model(self.unwrapped)
-        rep_stats = evaluate(fused, self.val_loader, self.env, sharded=sharded, desc="Test (reparameterized)")
+        rep_stats = evaluate(
+            fused, self.val_loader, self.env, sharded=sharded, desc="Test (reparameterized)",
+            channels_last=self.cfg.channels_last,
+        )  # fmt: skip
         summary["final_reparam"] = rep_stats
         self.say(
             f"reparameterized: top-1 {rep_stats['acc1']:.2f}%, top-5 {rep_stats['acc5']:.2f}% "
