@@ -28,11 +28,9 @@ mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
 
 if [ $DRY = 1 ]; then
     DEVICE=cpu; MODELS="RePaViT_Tiny"; BATCH=2; ITERS=1; SIZE=32; ROUNDS=1; LIMIT=240
-    BENCH_FORMS="vanilla train reparam reparam_all_tokens authors_design"  # compile: minutes of CPU compile
     export REPAVIT_TEST_DEVICE=cpu OMP_NUM_THREADS=1
 else
     DEVICE=cuda; MODELS="RePaViT_Base RePaViT_Large"; BATCH=128; ITERS=30; SIZE=224; ROUNDS=5; LIMIT=300
-    BENCH_FORMS="vanilla train reparam reparam_all_tokens authors_design compile"
 fi
 
 step() {  # step NAME LIMIT_S COMMAND...: run, log to OUT/NAME.log, record rc and seconds
@@ -62,7 +60,7 @@ done
 
 bench=("$PY" -m repavit bench --models $MODELS --device "$DEVICE" --img-size "$SIZE" --batch-size "$BATCH"
        --rounds "$ROUNDS" --iters 2 --warmup 1)
-step bench_fp32 $((2 * LIMIT)) "${bench[@]}" --forms $BENCH_FORMS --output "$OUT/bench_fp32.json"
+step bench_fp32 $((2 * LIMIT)) "${bench[@]}" --forms vanilla train reparam reparam_all_tokens authors_design compile --output "$OUT/bench_fp32.json"
 step bench_fp16 $((2 * LIMIT)) "${bench[@]}" --forms vanilla reparam reparam_all_tokens authors_design \
     --amp fp16 --train-step --train-batch-size "$BATCH" --output "$OUT/bench_fp16.json"
 

@@ -168,10 +168,14 @@ def train_one_epoch(
             break
     progress.close()
     result = _epoch_result(progress, optimizer, env, loss_sum, seen, stopped_at)
-    if precision.scaler is not None:  # fp16: updates skipped for inf/NaN gradients, and the scale they left
-        result["skipped_updates"] = precision.skipped - skipped_before
-        result["loss_scale"] = float(precision.scaler.get_scale())
-    return result
+    return {**result, **_scaler_stats(precision, skipped_before)}
+
+
+def _scaler_stats(precision: Precision, skipped_before: int) -> dict[str, Any]:
+    """fp16: the updates skipped for inf/NaN gradients this epoch, and the scale they left; else nothing."""
+    if precision.scaler is None:
+        return {}
+    return {"skipped_updates": precision.skipped - skipped_before, "loss_scale": float(precision.scaler.get_scale())}
 
 
 def _images_to(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

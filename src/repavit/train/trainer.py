@@ -162,9 +162,7 @@ class Trainer:
                     else f"no fold: {why}"
                 )
             )
-        model.to(env.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model.to(env.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
 
         self.lrs = cfg.scaled_lrs(env.world_size)
         self.optimizer = build_optimizer(cfg, model, self.lrs["lr"])
