@@ -84,6 +84,10 @@ INFERENCE_FORMS = (
     "vanilla_openvino",
     "onnxruntime_int8",
     "vanilla_onnxruntime_int8",
+    "onnxruntime_static_int8",
+    "vanilla_onnxruntime_static_int8",
+    "openvino_int8",
+    "vanilla_openvino_int8",
 )
 # Forms that run an exported file in another runtime: form -> (export format, built from the vanilla model)
 RUNTIME_FORMS = {
@@ -93,6 +97,10 @@ RUNTIME_FORMS = {
     "vanilla_openvino": ("openvino", True),
     "onnxruntime_int8": ("onnx_int8", False),
     "vanilla_onnxruntime_int8": ("onnx_int8", True),
+    "onnxruntime_static_int8": ("onnx_static_int8", False),
+    "vanilla_onnxruntime_static_int8": ("onnx_static_int8", True),
+    "openvino_int8": ("openvino_int8", False),
+    "vanilla_openvino_int8": ("openvino_int8", True),
 }
 # Forms that are plain float PyTorch modules (params and GMACs are meaningful); also the default set.
 FLOAT_FORMS = ("vanilla", "train", "reparam", "reparam_all_tokens", "reference", "authors_design")
@@ -104,29 +112,35 @@ TRAIN_FORMS = ("vanilla", "train", "masked")
 def _runtime_runner(model: nn.Module, fmt: str, example: Tensor, tmpdir: str) -> Callable[[Tensor], Tensor]:
     """ONNX Runtime or OpenVINO on the file ``repavit export`` ships: the same exporter, opset and settings.
 
-    The runtime gets torch's thread count.
+    The runtime gets torch's thread count. The static int8 forms calibrate on the timing batch: right
+    for timing; their agreement on real images is ``benchmarks/int8_agreement.py``'s.
     """
     from ..export import OrtModel, export_onnx
+    from ..export.int8 import quantize_onnx_static, quantize_openvino_static, with_identity_separate
     from ..export.openvino import OvModel, export_openvino
 
     threads = torch.get_num_threads()
     stem = os.path.join(tmpdir, f"model-{id(model)}")
+    size = tuple(example.shape[1:])
+    if "int8" in fmt:  # the identity kept out of the quantized matrix, as the torch int8 path does
+        model = with_identity_separate(model)
+    calibration = list(example.detach().cpu())  # static int8: ranges from the timing batch (speed only)
     if fmt.startswith("onnx"):
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
             raise MissingExtraError("the onnxruntime forms need the ONNX extra: pip install 'repavit[onnx]'") from e
-        if fmt == "onnx_int8":  # the identity kept out of the quantized matrix, as the torch int8 path does
-            model = copy.deepcopy(model)
-            for m in model.modules():
-                if isinstance(m, FusedIdleMlp):
-                    m.separate_identity()
-        path = export_onnx(model, stem + ".onnx", tuple(example.shape[1:]))
+        path = export_onnx(model, stem + ".onnx", size)
         if fmt == "onnx_int8":
             path = _ort_dynamic_int8(path, stem + ".int8.onnx")
+        elif fmt == "onnx_static_int8":
+            path = quantize_onnx_static(path, stem + ".s8.onnx", calibration)
         runner: Callable = OrtModel(path, threads=threads)
     else:
-        runner = OvModel(export_openvino(model, stem + ".xml", tuple(example.shape[1:])), threads=threads)
+        path = export_openvino(model, stem + ".xml", size)
+        if fmt == "openvino_int8":
+            path = quantize_openvino_static(path, stem + ".int8.xml", calibration)
+        runner = OvModel(path, threads=threads)
 
     def run(x: Tensor) -> Tensor:
         return torch.from_numpy(runner(x))
@@ -417,7 +431,14 @@ def _ratios(med: dict[str, float]) -> dict[str, float]:
     for other in ("reparam_all_tokens", "reference", "authors_design"):
         if other in med and "reparam" in med:
             out[f"reparam/{other}"] = med["reparam"] / med[other]
-    for runtime in ("int8", "onnxruntime", "openvino", "onnxruntime_int8"):  # the RePa speed-up inside each runtime
+    for runtime in (
+        "int8",
+        "onnxruntime",
+        "openvino",
+        "onnxruntime_int8",
+        "onnxruntime_static_int8",
+        "openvino_int8",
+    ):  # the RePa speed-up inside each runtime
         if runtime in med and f"vanilla_{runtime}" in med:
             out[f"{runtime}/vanilla_{runtime}"] = med[runtime] / med[f"vanilla_{runtime}"]
     return out

@@ -45,13 +45,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="ONNX and OpenVINO: also time the runtime against PyTorch eager on batches of N (interleaved rounds)",
     )
     p.add_argument("--bench-rounds", type=int, default=5, help="rounds for --bench-batch (median reported)")
+    q = p.add_argument_group("static int8 (ONNX: ONNX Runtime QDQ; OpenVINO: NNCF)")
+    q.add_argument("--int8", action="store_true", help="quantize to int8, calibrated on --calibration images")
+    q.add_argument("--calibration", metavar="DIR", help="folder of images (any depth) to calibrate and check on")
+    q.add_argument("--calibration-size", type=int, default=128, help="images used from DIR (default 128)")
+    q.add_argument(
+        "--min-agreement", type=float, default=0.95,
+        help="fail if top-1 agreement with fp32 on the held-out images is below this (default 0.95)",
+    )  # fmt: skip
     p.set_defaults(func=run)
+
+
+def _int8_settings(args: argparse.Namespace):
+    from ..errors import UserError
+    from ..export.deploy import Int8Settings
+
+    if not args.int8:
+        if args.calibration:
+            raise UserError("--calibration is for --int8 exports; add --int8 or drop --calibration")
+        return None
+    if args.format not in ("onnx", "openvino"):
+        raise UserError(f"--int8 is for ONNX (.onnx) and OpenVINO (.xml) files, not {args.format}")
+    if not args.calibration:
+        raise UserError("--int8 needs --calibration DIR: a folder of real images like the ones the model will see")
+    if args.calibration_size < 1 or not 0.0 <= args.min_agreement <= 1.0:
+        raise UserError("--calibration-size must be >= 1 and --min-agreement between 0 and 1")
+    return Int8Settings(args.calibration, args.calibration_size, args.min_agreement)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..export.deploy import export_format, export_model
 
     args.format = export_format(args.output, args.format)  # before loading: a wrong name costs nothing
+    int8 = _int8_settings(args)
     loaded = load_from_args(args, reparameterized=None if args.no_reparam else True)
     out = export_model(
         loaded,
@@ -64,11 +90,19 @@ def run(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         verify=not args.no_verify,
         extra=provenance(args, loaded),
+        int8=int8,
     )
     form = "" if loaded.reparameterized else ", training form"
     what = f"{mb(out.nbytes)}; {loaded.record.describe()}{form}; {out.description}"
     print(f"wrote {out.path} ({what}) and {out.sidecar.name}")
-    if out.check is not None:
+    if int8 is not None:
+        c = out.check
+        print(
+            f"checked against the fp32 PyTorch model on {c['images']} held-out images: top-1 agreement "
+            f"{100 * c['top1_agreement']:.1f}%, logit cosine mean {c['logit_cosine_mean']:.4f}, "
+            f"min {c['logit_cosine_min']:.4f}"
+        )
+    elif out.check is not None:
         c = out.check
         print(
             f"checked against PyTorch on batches {c['batches']}: max abs diff {c['max_abs_diff']:.3g}, "

@@ -42,9 +42,8 @@ def class_names(num_classes: int, recorded: list[str] | None = None) -> list[str
 def run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_model_data_config
 
-    from ..export import input_size_of
+    from ..export.info import eval_transform
     from ..measure import check_device
     from ._deploy_args import load_from_args
 
@@ -60,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"image not found: {f}")
     loaded = load_from_args(args, reparameterized=None if args.no_reparam else True, pretrained=args.pretrained)
     model = loaded.model.to(args.device).eval()
-    data_cfg = resolve_model_data_config(model)
-    data_cfg["input_size"] = input_size_of(model)  # the model's real size, even when img_size was overridden
-    transform = create_transform(**data_cfg, is_training=False)
+    transform = eval_transform(model)
     num_classes = getattr(model, "num_classes", 0)
     names = class_names(num_classes, loaded.class_names)
     k = min(args.top_k, num_classes)

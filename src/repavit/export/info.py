@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..models import ModelRecord
 from ..utils import write_json
 
-__all__ = ["input_size_of", "preprocessing", "tensor_bytes", "write_sidecar"]
+__all__ = ["eval_transform", "input_size_of", "preprocessing", "tensor_bytes", "write_sidecar"]
 
 
 def tensor_bytes(state: nn.Module | Mapping[str, Tensor]) -> int:
@@ -41,6 +41,16 @@ def input_size_of(model: nn.Module) -> tuple[int, int, int]:
     if img is not None:
         return (c, *(tuple(img) if isinstance(img, (tuple, list)) else (img, img)))
     return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def eval_transform(model: nn.Module):
+    """timm's evaluation transform for ``model`` (PIL image -> tensor): its data config (mean, std,
+    interpolation, crop) at the size the model really takes, even when ``img_size`` was overridden."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    data_cfg = resolve_model_data_config(model)
+    data_cfg["input_size"] = input_size_of(model)
+    return create_transform(**data_cfg, is_training=False)
 
 
 def preprocessing(model: nn.Module, size: tuple[int, ...] | None = None) -> dict[str, Any]:
