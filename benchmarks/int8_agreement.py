@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import repavit
 from repavit.export import OrtModel, export_onnx
 from repavit.export.info import eval_transform, input_size_of
 from repavit.export.int8 import (
@@ -35,6 +34,7 @@ from repavit.export.int8 import (
     with_identity_separate,
 )
 from repavit.export.openvino import OvModel, export_openvino
+from repavit.models import load_model
 from repavit.quantize import quantize_int8
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--output", default="benchmarks/results/int8_demo.json")
     args = p.parse_args()
     run, data = Path(args.run), Path(args.data)
-    loaded = repavit.load_model(run / "checkpoint.pth", reparameterized=True)
+    loaded = load_model(run / "checkpoint.pth", reparameterized=True)
     fused = loaded.model.eval()
     transform = eval_transform(fused)
     calib, _ = calibration_images(data / "train", transform, limit=128)

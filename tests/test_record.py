@@ -11,7 +11,15 @@ from safetensors.torch import save_file
 
 import repavit
 from repavit.layers.ffn_state import ffn_forms
-from repavit.models import CheckpointMismatchError, ModelRecord, load_model, open_checkpoint, record_of, state_form
+from repavit.models import (
+    CheckpointMismatchError,
+    ModelRecord,
+    load_model,
+    open_checkpoint,
+    record_of,
+    save_checkpoint,
+    state_form,
+)
 from repavit.models.record import same_setting
 from test_export import authors_fused_state
 
@@ -357,3 +365,45 @@ def test_heuristic_aliases_are_equal_only_for_the_heuristic():
     assert same_setting("none", "static", "heuristic") and same_setting("", "static", "heuristic")
     assert not same_setting("linear", "none", "heuristic")
     assert not same_setting("", "none", "global_pool") and not same_setting("", "static")
+
+
+# ---- preprocessing: deployment prepares images as training evaluated them ---------------------------------
+@pytest.mark.parametrize("size,ratio", [(32, 0.875), (64, 0.875), (64, 0.95)])
+def test_recorded_preprocessing_is_the_training_evaluation_transform(size, ratio):
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from repavit.data.transforms import TransformConfig, build_transform, eval_preprocessing
+
+    cfg = TransformConfig(input_size=size, eval_crop_ratio=ratio)
+    prep = eval_preprocessing(cfg)
+    ours, timms = build_transform(False, cfg), create_transform(**prep, is_training=False)
+    rng = np.random.default_rng(0)
+    for shape in ((80, 120, 3), (size, size, 3), (29, 41, 3)):  # landscape, square, smaller than the input
+        img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
+        assert torch.equal(ours(img), timms(img)), shape
+
+
+def test_preprocessing_travels_with_the_checkpoint(tmp_path):
+    from repavit.export.info import eval_transform, preprocessing
+
+    prep = {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # fmt: skip
+    model = _model()
+    record = record_of(model, preprocessing=prep)
+    assert ModelRecord.from_dict(json.loads(json.dumps(record.to_dict()))).preprocessing == prep
+    save_checkpoint(tmp_path / "m.pth", model.state_dict(), record)
+    for loaded in (load_model(tmp_path / "m.pth"), load_model(tmp_path / "m.pth", reparameterized=True)):
+        assert loaded.record.preprocessing == prep
+        assert preprocessing(loaded.model)["crop_pct"] == 1.0 and preprocessing(loaded.model)["mean"] == [0.5] * 3
+        normalize = eval_transform(loaded.model).transforms[-1]
+        assert list(normalize.mean) == [0.5] * 3 and list(normalize.std) == [0.25] * 3
+    bad_values = [
+        ({"crop_pct": 1.5}, "crop_pct=1.5 is not valid"),
+        ({"mean": [0.5]}, r"mean=\[0.5\] is not valid"),
+        ({"size": 3}, "unknown preprocessing key"),
+    ]
+    for bad, needle in bad_values:
+        with pytest.raises(repavit.errors.UserError, match=needle):
+            ModelRecord(model_name="RePaViT_Tiny", preprocessing=bad)

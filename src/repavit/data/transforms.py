@@ -17,7 +17,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["TransformConfig", "build_transform", "three_augment"]
+__all__ = ["TransformConfig", "build_transform", "eval_preprocessing", "three_augment"]
 
 _INTERP = {
     "bicubic": InterpolationMode.BICUBIC,
@@ -59,6 +59,20 @@ class TransformConfig:
     crop_padding: int = 4
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN
     std: Sequence[float] = IMAGENET_DEFAULT_STD
+
+
+def eval_preprocessing(cfg: TransformConfig) -> dict:
+    """The evaluation transform of :func:`build_transform` in timm's ``pretrained_cfg`` terms (what a
+    model record stores): ``timm.data.create_transform(**these, is_training=False)`` is the same transform."""
+    small = cfg.input_size <= SMALL_INPUT
+    return {
+        "input_size": [3, cfg.input_size, cfg.input_size],
+        "interpolation": "bicubic",
+        "crop_pct": 1.0 if small else float(cfg.eval_crop_ratio),
+        "crop_mode": "center",
+        "mean": [float(v) for v in cfg.mean],
+        "std": [float(v) for v in cfg.std],
+    }
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

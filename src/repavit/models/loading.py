@@ -45,6 +45,7 @@ from .record import (
     Spelling,
     _plain,
     _square,
+    apply_preprocessing,
     describe_settings,
     python_spelling,
     record_of,
@@ -522,7 +523,11 @@ def load_model(
         if why:
             raise UserError(f"{ckpt.name} cannot be reparameterized: {why}")
         reparameterize_model(model, inplace=True)
-    record = record_of(model, settings.model_name, class_names=settings.class_names, overrides=settings.overrides)
+    prep = ckpt.record.preprocessing if ckpt.record is not None else None
+    apply_preprocessing(model, prep)  # how training evaluated: predict, export and sidecars follow it
+    record = record_of(
+        model, settings.model_name, class_names=settings.class_names, overrides=settings.overrides, preprocessing=prep
+    )
     metrics = ckpt.metrics
     if use_ema and metrics:
         metrics = {"acc1": metrics.get("ema_acc1"), **{k: v for k, v in metrics.items() if k in ("epoch", "images")}}

@@ -37,6 +37,8 @@ __all__ = [
     "CheckpointMismatchError",
     "ModelRecord",
     "Spelling",
+    "apply_preprocessing",
+    "check_preprocessing",
     "model_args_of",
     "python_spelling",
     "record_of",
@@ -174,6 +176,11 @@ class ModelRecord:
         repavit_version: version of the package that wrote the record.
         overrides: the arguments that were given when the model was built (the rest are the model
             name's defaults); only used to describe the model briefly.
+        preprocessing: how the model's evaluation prepared images, in timm's ``pretrained_cfg`` terms
+            (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``); written
+            by ``repavit train`` (its evaluation transform), applied to the model's ``pretrained_cfg``
+            on load, so ``predict``, ``export --int8`` and the sidecars prepare images as training
+            evaluated them. None: the model name's ``pretrained_cfg``.
     """
 
     model_name: str
@@ -182,6 +189,7 @@ class ModelRecord:
     class_names: list[str] | None = None
     repavit_version: str | None = None
     overrides: list[str] | None = None
+    preprocessing: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -204,6 +212,8 @@ class ModelRecord:
                 raise UserError(f"model record: {len(self.class_names)} class names for a head of {n} classes")
         if self.overrides is not None:
             self.overrides = [str(k) for k in self.overrides]
+        if self.preprocessing is not None:
+            self.preprocessing = check_preprocessing(self.preprocessing)
 
     # ---- (de)serialization ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +226,7 @@ class ModelRecord:
             "class_names": self.class_names,
             "repavit_version": self.repavit_version or _package_version(),
             "overrides": self.overrides,
+            **({"preprocessing": self.preprocessing} if self.preprocessing is not None else {}),
         }
 
     @classmethod
@@ -241,6 +252,7 @@ class ModelRecord:
                 class_names=data.get("class_names"),
                 repavit_version=data.get("repavit_version"),
                 overrides=data.get("overrides") if isinstance(data.get("overrides"), list) else None,
+                preprocessing=data.get("preprocessing"),
             )
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
@@ -324,11 +336,12 @@ def record_of(
     model_args: Mapping[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
     overrides: Sequence[str] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> ModelRecord:
     """The record of a live model (its form is read off the model).
 
     ``overrides`` names the arguments given on top of the model name's defaults (for descriptions);
-    by default the keywords the model was built with.
+    by default the keywords the model was built with. ``preprocessing``: see :class:`ModelRecord`.
     """
     name = model_name or model_name_of(model)
     if not name:
@@ -343,4 +356,41 @@ def record_of(
         class_names=list(class_names) if class_names is not None else None,
         repavit_version=_package_version(),
         overrides=sorted(k for k in given if k in args) if given is not None else None,
+        preprocessing=dict(preprocessing) if preprocessing is not None else None,
     )
+
+
+_PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def check_preprocessing(prep: Any) -> dict[str, Any]:
+    """``prep`` as a plain dict of the keys :class:`ModelRecord` knows, type- and range-checked."""
+    if not isinstance(prep, Mapping):
+        raise UserError(f"model record: preprocessing must be a mapping, got {type(prep).__name__}")
+    unknown = sorted(set(prep) - set(_PREPROCESSING_KEYS))
+    if unknown:
+        raise UserError(f"model record: unknown preprocessing key(s) {unknown}; known: {list(_PREPROCESSING_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, value in prep.items():
+        if key in ("interpolation", "crop_mode"):
+            ok = isinstance(value, str) and value
+        elif key == "crop_pct":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+        else:
+            n = 3
+            ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == n
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            value = [int(v) for v in value] if ok and key == "input_size" else list(value) if ok else value
+        if not ok:
+            raise UserError(f"model record: preprocessing {key}={value!r} is not valid")
+        out[key] = value
+    return out
+
+
+def apply_preprocessing(model: nn.Module, prep: Mapping[str, Any] | None) -> nn.Module:
+    """Put a record's ``preprocessing`` into ``model.pretrained_cfg`` (a copy), where timm's data config reads it."""
+    if prep:
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
+        model.pretrained_cfg = cfg
+    return model

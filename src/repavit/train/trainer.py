@@ -29,6 +29,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 
 from ..data import dataset_classes
+from ..data.transforms import eval_preprocessing
 from ..errors import ArgumentError, UserError
 from ..models import (
     Checkpoint,
@@ -38,6 +39,7 @@ from ..models import (
     reparameterize_model,
     save_checkpoint,
 )
+from ..models.record import ModelRecord, apply_preprocessing
 from ..utils import write_json
 from .builders import (
     build_criterion,
@@ -51,6 +53,7 @@ from .builders import (
     check_classes,
     data_desc,
     is_repa_model,
+    transform_config,
 )
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, barrier, gather_objects, state_fingerprint
@@ -146,22 +149,11 @@ class Trainer:
             check_classes(ckpt, settings, self.val_ds, data_desc(cfg))
         model = build_model(cfg, num_classes, checkpoint=ckpt)
         model.train()
-        if settings is not None and settings.overrides is not None:
-            overrides = settings.overrides  # a resumed run: what its checkpoint's model was given
-        else:  # what this command line gave on top of the model name's defaults
-            overrides = [*cfg.model_kwargs, *(["img_size"] if cfg.input_size != 224 else [])]
-        classes = [str(c) for c in dataset_classes(self.train_ds)]
-        self.record = record_of(model, cfg.model, class_names=classes, overrides=overrides)
+        self.record = self._record_of(model, settings)
         if is_repa_model(cfg.model):
             why = fold_refusal(model)
-            say(
-                f"model: {self.record.describe()}; "
-                + (
-                    "its FFNs fold after training (--reparam, or `repavit reparam`)"
-                    if why is None
-                    else f"no fold: {why}"
-                )
-            )
+            fold = "its FFNs fold after training (--reparam, or `repavit reparam`)" if not why else f"no fold: {why}"
+            say(f"model: {self.record.describe()}; {fold}")
         model.to(env.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
 
         self.lrs = cfg.scaled_lrs(env.world_size)
@@ -206,6 +198,18 @@ class Trainer:
             ids = [env.device.index] if env.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
+
+    def _record_of(self, model: nn.Module, settings: Any) -> ModelRecord:
+        """The record this run's checkpoints carry: the model, its classes, how evaluation prepares images."""
+        cfg = self.cfg
+        if settings is not None and settings.overrides is not None:
+            overrides = settings.overrides  # a resumed run: what its checkpoint's model was given
+        else:  # what this command line gave on top of the model name's defaults
+            overrides = [*cfg.model_kwargs, *(["img_size"] if cfg.input_size != 224 else [])]
+        classes = [str(c) for c in dataset_classes(self.train_ds)]
+        prep = eval_preprocessing(transform_config(cfg))  # how this run evaluates: deployment prepares alike
+        apply_preprocessing(model, prep)
+        return record_of(model, cfg.model, class_names=classes, overrides=overrides, preprocessing=prep)
 
     def _criterion(self, model: nn.Module, num_classes: int) -> nn.Module:
         """The training loss; with ``--token_label`` the model is switched to its dense training output."""
@@ -577,8 +581,9 @@ class Trainer:
         )
         if self.run_dir is not None and self.env.is_main:
             fused_record = record_of(
-                fused, self.cfg.model, self.record.model_args, self.record.class_names, self.record.overrides
-            )
+                fused, self.cfg.model, self.record.model_args, self.record.class_names, self.record.overrides,
+                self.record.preprocessing,
+            )  # fmt: skip
             metrics = {**self._metrics(self.cfg.epochs - 1, rep_stats, None), "form": "reparameterized"}
             path = self.run_dir.path / "checkpoint_reparam.pth"
             save_checkpoint(path, fused.state_dict(), fused_record, {"metrics": metrics})
