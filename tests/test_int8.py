@@ -7,6 +7,7 @@ tested with the other runtime forms in ``tests/test_export.py``.
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import shutil
@@ -72,10 +73,14 @@ def test_calibration_images_skip_unreadable_files_and_refuse_empty_folders(photo
 
 def test_identity_kept_out_of_the_quantized_matrix_changes_nothing_in_fp32(loaded):
     sep = with_identity_separate(loaded.model)
-    assert all(m.identity_separate for m in sep.modules() if isinstance(m, FusedIdleMlp))
+    ffns = [m for m in sep.modules() if isinstance(m, FusedIdleMlp)]
+    assert ffns and all(m.identity_separate and m.plain_products for m in ffns)
+    assert not any(m.plain_products for m in loaded.model.modules() if isinstance(m, FusedIdleMlp))  # a copy
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(sep(x), loaded.model(x), rtol=1e-5, atol=1e-5)
+        ref64, sep64 = copy.deepcopy(loaded.model).double(), copy.deepcopy(sep).double()
+        torch.testing.assert_close(sep64(x.double()), ref64(x.double()), rtol=1e-12, atol=1e-12)
 
 
 def test_cpu_int8_features_reads_the_flags():

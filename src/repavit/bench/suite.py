@@ -109,7 +109,7 @@ TRAIN_FORMS = ("vanilla", "train", "masked")
 
 
 # ---- building the forms ----------------------------------------------------------------------
-def _runtime_runner(model: nn.Module, fmt: str, example: Tensor, tmpdir: str) -> Callable[[Tensor], Tensor]:
+def _runtime_runner(model: nn.Module, fmt: str, example: Tensor, tmpdir: str, name: str) -> Callable[[Tensor], Tensor]:
     """ONNX Runtime or OpenVINO on the file ``repavit export`` ships: the same exporter, opset and settings.
 
     The runtime gets torch's thread count. The static int8 forms calibrate on the timing batch: right
@@ -120,7 +120,9 @@ def _runtime_runner(model: nn.Module, fmt: str, example: Tensor, tmpdir: str) ->
     from ..export.openvino import OvModel, export_openvino
 
     threads = torch.get_num_threads()
-    stem = os.path.join(tmpdir, f"model-{id(model)}")
+    # one name per form: OpenVINO maps its .bin, so a later export over the same name would change the weights
+    # under a compiled model (ids of freed models are reused, so no id-based names)
+    stem = os.path.join(tmpdir, name)
     size = tuple(example.shape[1:])
     if "int8" in fmt:  # the identity kept out of the quantized matrix, as the torch int8 path does
         model = with_identity_separate(model)
@@ -213,7 +215,7 @@ def build_inference_forms(
             fmt, plain = RUNTIME_FORMS[form]
             source = vanilla_counterpart(model) if plain else fused
             if source is not None:
-                out[form] = _runtime_runner(source.eval(), fmt, example, tmpdir)
+                out[form] = _runtime_runner(source.eval(), fmt, example, tmpdir, form)
         else:
             raise UserError(f"unknown form {form!r}; expected one of {', '.join(INFERENCE_FORMS)}")
     return out

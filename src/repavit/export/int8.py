@@ -73,11 +73,14 @@ def cpu_int8_features() -> dict[str, bool]:
 
 
 def with_identity_separate(model: nn.Module) -> nn.Module:
-    """A copy of a fused model whose FFNs add the residual identity outside ``W_lin`` (same function)."""
+    """A copy of a fused model prepared for an int8 quantizer (same function): its FFNs add the residual
+    identity outside ``W_lin`` and compute with plain linear layers (``FusedIdleMlp.split_products``:
+    weight slices and an accumulating GEMM would stay float in ONNX Runtime's quantizers)."""
     model = copy.deepcopy(model).eval()
     for m in model.modules():
         if isinstance(m, FusedIdleMlp):
             m.separate_identity()
+            m.split_products()
     return model
 
 

@@ -280,6 +280,8 @@ class FusedIdleMlp(nn.Module):
         # When True, the identity is kept out of W_lin (in_proj holds W_lin - I) and x is added
         # separately: better int8 ranges for quantized weights (see repavit.quantize).
         self.identity_separate = False
+        # Set by split_products() (export for int8 quantizers): separate Linear layers, no slices.
+        self.plain_products = False
         self.training = False
 
     def extra_repr(self) -> str:
@@ -294,6 +296,25 @@ class FusedIdleMlp(nn.Module):
                 torch.eye(self.dim, dtype=self.in_proj.weight.dtype, device=self.in_proj.weight.device)
             )
             self.identity_separate = True
+
+    @torch.no_grad()
+    def split_products(self) -> None:
+        """Compute with three plain linear layers (``lin_proj``, ``act_proj``, ``out_proj``) and one add.
+
+        Same function. For exports that int8 quantizers read (ONNX Runtime, NNCF): the BLAS path's row
+        slices of ``in_proj`` export as Slice nodes and its accumulating GEMM takes an activation as addend,
+        and quantizers leave both in float; plain layers with constant weights they quantize.
+        """
+        if self.plain_products or not self.has_linear or self.out_proj is None:
+            return
+        c, w, b = self.dim, self.in_proj.weight, self.in_proj.bias
+        self.lin_proj = nn.Linear(c, c).to(w)
+        self.act_proj = nn.Linear(c, self.act_dim).to(w)
+        self.lin_proj.weight.copy_(w[:c])
+        self.lin_proj.bias.copy_(b[:c])
+        self.act_proj.weight.copy_(w[c:])
+        self.act_proj.bias.copy_(b[c:])
+        self.plain_products = True
 
     def train(self, mode: bool = True) -> FusedIdleMlp:
         if mode:
@@ -330,6 +351,8 @@ class FusedIdleMlp(nn.Module):
         x2 = x.reshape(-1, self.dim)  # (M, C)
         if torch.jit.is_scripting():
             out = self._forward_blas(x2)
+        elif self.plain_products:
+            out = self.lin_proj(x2) + self.out_proj(self.act(self.act_proj(x2)))
         elif isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, (nn.Linear, type(None))):
             out = self._forward_blas(x2)
         else:  # e.g. dynamically quantized linears
