@@ -37,8 +37,10 @@ from repavit.export.int8 import quantize_onnx_static, quantize_openvino_static, 
 from repavit.export.openvino import export_openvino
 from repavit.models import reparameterize_model
 
-GEMM = ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul", "FullyConnected", "FullyConnected_compressed", "Conv", "ConvInteger", "QLinearConv")  # fmt: skip
+GEMM = (
+    "MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "FullyConnected", "FullyConnected_compressed", "Conv", "ConvInteger", "QLinearConv",
+)  # fmt: skip
 QUANT = ("DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "FakeQuantize")
 
 
@@ -130,12 +132,17 @@ def main() -> None:
             row["vanilla/ours total"] = total["vanilla"] / total["ours"]
             row["gemm share (vanilla, ours)"] = [row[w].get("gemm", 0) / total[w] for w in ("vanilla", "ours")]
             result["paths"][path_name] = row
+            per_group = "  ".join(
+                f"{g} {row['ours'].get(g, 0):6.1f}/{row['vanilla'].get(g, 0):6.1f} "
+                f"({row['vanilla/ours per group'][g]:.2f}x)"
+                for g in groups
+            )
             print(
                 f"{path_name:26s} ms/batch ours {total['ours']:7.1f} vanilla {total['vanilla']:7.1f}  "
-                f"ours/vanilla speed {row['vanilla/ours total']:.2f}x  "
-                + "  ".join(f"{g} {row['ours'].get(g, 0):6.1f}/{row['vanilla'].get(g, 0):6.1f} ({row['vanilla/ours per group'][g]:.2f}x)" for g in groups)
-                + f"  gemm share vanilla {100 * row['gemm share (vanilla, ours)'][0]:.0f}%"
-            , flush=True)  # fmt: skip
+                f"ours/vanilla speed {row['vanilla/ours total']:.2f}x  {per_group}  "
+                f"gemm share vanilla {100 * row['gemm share (vanilla, ours)'][0]:.0f}%",
+                flush=True,
+            )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
