@@ -6,16 +6,16 @@ in ``W_lin`` its diagonal would take the int8 range from the learned entries), a
 activation ranges on images from a folder, preprocessed as the model's record says.
 
 - ONNX Runtime: ``quantize_static``, QDQ format, per-channel symmetric int8 weights, uint8 activations,
-  MinMax calibration, the MatMul/Gemm/Conv inputs quantized. On x86 CPUs without VNNI (AVX2 only, like
-  the machine this project is measured on), ``reduce_range`` is on: ORT's u8 x s8 kernels sum pairs of
+  MinMax calibration, the MatMul/Gemm/Conv inputs quantized. On x86 CPUs without VNNI (AVX2 only),
+  ``reduce_range`` is on: ORT's u8 x s8 kernels sum pairs of
   products in int16 (``vpmaddubsw``), which saturates with full-range weights; 7-bit weights avoid that.
 - OpenVINO: NNCF's ``quantize`` with the transformer model type (it keeps LayerNorm, softmax and GELU
   inputs out of int8 where accuracy needs it), written with fp32 weights for the layers left in float.
 
 int8 pays where the CPU multiplies int8 natively: VNNI (``avx512_vnni``, ``avx_vnni``) gives 4x the
-multiply-adds per instruction of fp32 FMA, AMX far more. On AVX2 without VNNI the int8 path needs three
-instructions per four products, so int8 GEMMs are at best about 2x fp32, often less once quantize /
-dequantize steps are counted (measured in the README).
+multiply-adds per instruction of fp32 FMA, AMX far more. On AVX2 without VNNI the int8 path needs
+several instructions per four products and gains much less (see the README's runtime table, measured on
+a CPU with AVX-512 VNNI).
 """
 
 from __future__ import annotations
