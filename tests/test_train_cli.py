@@ -38,13 +38,7 @@ def cli(cmd: str, *extra: str) -> int:
     return main(shlex.split(cmd) + list(extra))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two busy cores: one intra-op thread is several times faster than two competing ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
