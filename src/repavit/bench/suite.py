@@ -57,15 +57,10 @@ from ..measure import (
 )
 from ..models import reparameterize_model
 from ..utils import write_json
-from .reference import ThreeLinearMlp, with_masked_ffn, with_three_linear_ffn
+from .reference import ThreeLinearMlp, with_three_linear_ffn
+from .train_step import bench_train_step, vanilla_counterpart
 
 _logger = logging.getLogger(__name__)
-
-
-def vanilla_counterpart(model: nn.Module) -> nn.Module | None:
-    """The plain timm model of the same size (``model.vanilla_counterpart()``), or None if it has none."""
-    fn = getattr(model, "vanilla_counterpart", None)
-    return fn() if callable(fn) else None
 
 
 INFERENCE_FORMS = (
@@ -232,74 +227,6 @@ def agreement(y: Tensor, ref: Tensor) -> dict:
     }
 
 
-# ---- training step -----------------------------------------------------------------------------
-def _train_steps(
-    models: dict[str, nn.Module],
-    batch_size: int,
-    img_size: int,
-    device: torch.device,
-    amp: str = "off",
-    channels_last: bool = False,
-) -> dict[str, Callable[[], None]]:
-    """One callable per model doing forward + backward + SGD step on a fixed random batch (train mode);
-    ``amp`` autocasts the forward and the loss (no scaler: the timing is the same)."""
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def make(m: nn.Module) -> Callable[[], None]:
-        opt = torch.optim.SGD(m.parameters(), lr=1e-4)
-
-        def run() -> None:
-            opt.zero_grad(set_to_none=True)
-            with inference_precision(amp, device):
-                loss = F.cross_entropy(m(x), y % m.num_classes if hasattr(m, "num_classes") else y)
-            loss.backward()
-            opt.step()
-
-        return run
-
-    for m in models.values():
-        m.train()
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
-    return {k: make(m) for k, m in models.items()}
-
-
-def train_step_times(
-    models: dict[str, nn.Module],
-    batch_size: int,
-    img_size: int,
-    rounds: int,
-    warmup: int,
-    device: torch.device,
-    desc: str | None = None,
-    amp: str = "off",
-    channels_last: bool = False,
-) -> dict[str, list[float]]:
-    """Seconds per training step (forward + backward + SGD step), interleaved across models."""
-    steps = _train_steps(models, batch_size, img_size, device, amp, channels_last)
-    ips = interleaved_throughput(steps, batch_size, rounds, 1, warmup, device, desc=desc)
-    return {k: [batch_size / v for v in vals] for k, vals in ips.items()}
-
-
-def train_step_peak_memory(
-    models: dict[str, nn.Module],
-    batch_size: int,
-    img_size: int,
-    device: torch.device,
-    amp: str = "off",
-    channels_last: bool = False,
-) -> dict[str, float | None]:
-    """Peak memory (MiB) of one training step per model: activations kept for backward, gradients."""
-    out = {}
-    for k, step in _train_steps(models, batch_size, img_size, device, amp, channels_last).items():
-        step()  # warm: first-call workspaces, gradient buffers
-        out[k] = peak_memory_mb(step, device)
-    return out
-
-
 # ---- latency breakdown -----------------------------------------------------------------------
 def _category(module: nn.Module) -> str | None:
     from timm.layers import PatchEmbed
@@ -377,6 +304,7 @@ def run_suite(
     plot: str | os.PathLike | None = None,
     amp: str = "off",
     channels_last: bool = False,
+    train_compile: bool = False,
     **model_kwargs,
 ) -> dict:
     """Time every form of each model (see the module docstring); ``amp`` (off, fp16, bf16) autocasts the
@@ -395,6 +323,7 @@ def run_suite(
             train_batch_size=train_batch_size,
             amp=amp,
             channels_last=channels_last,
+            train_compile=train_compile,
             model_kwargs=model_kwargs,
         ),
         "models": {},
@@ -402,7 +331,7 @@ def run_suite(
     }
 
     plan = _Plan(forms, batch_size, img_size, rounds, iters, warmup, latency, train_step, train_batch_size,
-                 breakdown, sweep_sizes, sweep_batches, model_kwargs, amp, channels_last)  # fmt: skip
+                 breakdown, sweep_sizes, sweep_batches, model_kwargs, amp, channels_last, train_compile)  # fmt: skip
 
     def save() -> None:  # after every measurement: an interrupted run keeps what it measured
         if output:
@@ -465,6 +394,7 @@ class _Plan:
     model_kwargs: dict
     amp: str = "off"
     channels_last: bool = False
+    train_compile: bool = False
 
 
 def _runners(fns: dict[str, Callable], x: Tensor, plan: _Plan, dev: torch.device) -> tuple[dict[str, Callable], Tensor]:
@@ -536,20 +466,7 @@ def _bench_model(name: str, entry: dict, plan: _Plan, dev: torch.device, tmpdir:
             entry["forms"][k]["latency_ms"] = summarize([1000.0 / s for s in v])
         save()
     if plan.train_step:
-        tmodels = {"train": copy.deepcopy(model), "masked": with_masked_ffn(model)}
-        v = vanilla_counterpart(model)
-        if v is not None:
-            tmodels = {"vanilla": v.to(dev), **tmodels}
-        st = train_step_times(
-            tmodels, plan.train_batch_size, img_size, max(3, rounds // 2), 1, dev, desc=f"{name} train step",
-            amp=plan.amp, channels_last=plan.channels_last,
-        )  # fmt: skip
-        entry["train_step_peak_memory_mb"] = train_step_peak_memory(
-            tmodels, plan.train_batch_size, img_size, dev, plan.amp, plan.channels_last
-        )
-        entry["train_step_s"] = {k: summarize(v) for k, v in st.items()}
-        med = {k: v["median"] for k, v in entry["train_step_s"].items()}
-        entry["train_step_ratios"] = {f"{k}/train": med[k] / med["train"] for k in med if k != "train"}
+        bench_train_step(name, entry, model, plan, dev)
         save()
     if plan.breakdown:
         entry["breakdown"] = {k: latency_breakdown(fns[k], x) for k in ("vanilla", "reparam", "train") if k in fns}
@@ -616,6 +533,11 @@ def format_entry(name: str, entry: dict) -> str:
         mems = entry.get("train_step_peak_memory_mb", {})
         if any(v is not None for v in mems.values()):
             lines.append("  train step peak memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mems.items() if v))
+    for k, groups in entry.get("train_step_breakdown_ms", {}).items():
+        total = groups["total_ms"]
+        parts = ", ".join(f"{g} {ms:.0f} ms ({100 * ms / total:.0f}%)" for g, ms in groups.items() if g != "total_ms")
+        saved = entry.get("train_saved_for_backward_mb", {}).get(k)
+        lines.append(f"  train step breakdown {k}: {total:.0f} ms: {parts}; saved for backward {saved:.0f} MiB")
     for k, shares in entry.get("breakdown", {}).items():
         lines.append(f"  breakdown {k}: " + ", ".join(f"{c} {100 * s:.1f}%" for c, s in shares.items()))
     for row in entry.get("sweep", []):

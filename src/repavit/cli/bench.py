@@ -35,7 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     p.add_argument("--train-step", action="store_true", help="also time training steps (vanilla, ours, masked)")
     p.add_argument("--train-batch-size", type=int, default=32)
-    p.add_argument("--breakdown", action="store_true", help="share of time in patch embed / attention / FFN")
+    p.add_argument(
+        "--breakdown", action="store_true",
+        help="share of time in patch embed / attention / FFN; with --train-step also the step's time per "
+        "operator group and the memory autograd keeps for backward",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-compile", action="store_true",
+        help="with --train-step: also time torch.compile of ours and of vanilla (compiled vs compiled)",
+    )  # fmt: skip
     p.add_argument("--sweep-sizes", type=_ints, default=[], help="e.g. 224,384: reparam/vanilla per image size")
     p.add_argument("--sweep-batches", type=_ints, default=[], help="e.g. 1,16,64: reparam/vanilla per batch size")
     p.add_argument(
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         channels_last=args.channels_last,
+        train_compile=args.train_compile,
         output=args.output,
         plot=args.plot,
         **({} if args.idle_ratio is None else {"idle_ratio": args.idle_ratio}),

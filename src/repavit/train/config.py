@@ -207,6 +207,13 @@ class TrainConfig:
     eval_ema: bool = _f(False, "with --eval: evaluate the checkpoint's EMA weights", "run")
     dist_eval: bool = _f(False, "shard evaluation over the processes", "run")
     sync_bn: bool = _f(False, "synchronize BatchNorm statistics across processes (CUDA)", "run")
+    compile: bool = _f(
+        False,
+        "torch.compile the training step's model (inductor; the first steps compile); evaluation, EMA and "
+        "checkpoints use the uncompiled module",
+        "run",
+        aliases=("--torchcompile",),
+    )
     dist_backend: str = _f(
         "auto",
         "process-group backend: auto (nccl on CUDA, gloo on CPU); given explicitly, a single torchrun/Slurm "

@@ -72,6 +72,12 @@ class Precision:
             optimizer.step()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and DDP wrappers: what the EMA averages and checkpoints hold."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if hasattr(model, "no_sync") else model
+
+
 def _check_step(value: float, signum: int, env: DistEnv, epoch: int, step: int, steps: int) -> int:
     """Raise if the loss is not finite on any process; return the stop signal any process received (0: none).
 
@@ -109,6 +115,7 @@ def train_one_epoch(
     carry: tuple[float, int] = (0.0, 0),
     stop: Any = None,
     channels_last: bool = False,
+    unwrapped: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train for ``updates_per_epoch`` optimizer updates of ``accumulation_steps`` micro-batches each.
 
@@ -117,6 +124,7 @@ def train_one_epoch(
     averages the same weights several times). Micro-batches left over at the end of the loader
     (fewer than ``accumulation_steps``) are skipped.
 
+    ``unwrapped``: the module inside ``model``'s DDP / ``torch.compile`` wrappers (found if not given).
     A resumed epoch passes ``start_step`` (micro-batches already done; the loader yields the rest)
     and ``carry`` (this process's loss sum and image count so far). With ``stop`` (a
     :class:`~repavit.train.stop.StopRequest`), the epoch ends after the first update at which any
@@ -127,16 +135,14 @@ def train_one_epoch(
     (micro-batches done when stopped early, else None) with this process's ``carry`` at that point.
     """
     model.train()
-    unwrapped = model.module if hasattr(model, "no_sync") else model
+    unwrapped = unwrapped if unwrapped is not None else unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    k = accumulation_steps
-    n_micro = updates_per_epoch * k
+    k, n_micro = accumulation_steps, updates_per_epoch * accumulation_steps
     progress = Progress(
         n_micro, desc or f"Epoch [{epoch + 1}]", env.is_main, log_freq, env.world_size, start=start_step
     )
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, seen = float(carry[0]), int(carry[1])
-    stopped_at = None
+    loss_sum, seen, stopped_at = float(carry[0]), int(carry[1]), None
     skipped_before = precision.skipped
     for i, (images, targets) in enumerate(loader, start_step):
         if i >= n_micro:

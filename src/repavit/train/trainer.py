@@ -197,7 +197,8 @@ class Trainer:
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.model = model
+        # compiled around DDP (its bucketed all-reduces stay graph breaks, as torch recommends)
+        self.model = torch.compile(model) if cfg.compile else model
 
     def _record_of(self, model: nn.Module, settings: Any) -> ModelRecord:
         """The record this run's checkpoints carry: the model, its classes, how evaluation prepares images."""
@@ -433,6 +434,7 @@ class Trainer:
                 carry=carry,  # type: ignore[arg-type]
                 stop=stop,
                 channels_last=cfg.channels_last,
+                unwrapped=self.unwrapped,
             )
             if train_stats["stopped_at"] is not None:
                 return self._stop_mid_epoch(stop, epoch, train_stats), test_stats, ema_stats
