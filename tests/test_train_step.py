@@ -64,18 +64,27 @@ def test_breakdown_sums_the_step_and_saved_memory_grows_with_the_batch():
 
 
 def test_bench_train_step_with_breakdown_and_compiled_forms(tmp_path, fast_compile):
+    from repavit.bench.suite import format_entry, run_suite
+
     out = tmp_path / "b.json"
-    cmd = (
-        "bench --models RePaViT_Tiny --img-size 32 --batch-size 2 --rounds 1 --iters 1 --warmup 0 --no-latency "
-        f"--forms vanilla train --train-step --train-batch-size 4 --breakdown --train-compile --output {out}"
-    )
-    assert main(shlex.split(cmd)) == 0
-    entry = json.loads(out.read_text())["models"]["RePaViT_Tiny"]
+    res = run_suite(["RePaViT_Tiny"], ["vanilla", "train"], batch_size=2, img_size=32, rounds=1, iters=1, warmup=0,
+                    latency=False, train_step=True, train_batch_size=4, breakdown=True, train_compile=True,
+                    output=out, depth=1)  # fmt: skip
+    entry = res["models"]["RePaViT_Tiny"]
+    assert json.loads(out.read_text())["models"]["RePaViT_Tiny"]["train_step_ratios"] == entry["train_step_ratios"]
     assert set(entry["train_step_s"]) == {"vanilla", "train", "masked", "vanilla_compiled", "train_compiled"}
     assert {"train/vanilla", "train_compiled/vanilla_compiled"} <= set(entry["train_step_ratios"])
     assert set(entry["train_step_breakdown_ms"]) == {"vanilla", "train", "masked"}
     assert all(v > 0 for v in entry["train_saved_for_backward_mb"].values())
     assert fast_compile.count("VisionTransformer") == 1 and fast_compile.count("RePaViT") == 1
+    assert "train step breakdown train:" in format_entry("RePaViT_Tiny", entry)
+
+
+def test_bench_cli_takes_the_train_step_flags():
+    from repavit.cli.main import build_parser
+
+    args = build_parser().parse_args(shlex.split("bench --train-step --breakdown --train-compile --amp bf16"))
+    assert args.train_step and args.breakdown and args.train_compile and args.amp == "bf16"
 
 
 def test_compiled_training_keeps_plain_checkpoints_and_updates_the_ema(tmp_path, fast_compile):
