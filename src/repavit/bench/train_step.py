@@ -12,6 +12,7 @@ elementwise, the optimizer, ...) and the bytes autograd keeps for backward (save
 from __future__ import annotations
 
 import copy
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -122,20 +123,26 @@ def _group(op: str) -> str:
     return "other"
 
 
-def train_step_breakdown(step: Callable[[], None]) -> dict[str, float]:
+def train_step_breakdown(step: Callable[[], None], repeats: int = 3) -> dict[str, float]:
     """Milliseconds of one training step per operator group (self time of every aten op, PyTorch's
-    profiler, CPU side); ``total_ms`` is their sum."""
+    profiler, CPU side), the median over ``repeats`` profiled steps (one step's split moves by tens of
+    percent on a shared CPU); ``total_ms`` is the sum of the medians."""
     from torch.profiler import ProfilerActivity, profile
 
     step()  # warm: workspaces, gradient buffers
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    groups: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            groups[_group(event.key)] += event.self_cpu_time_total / 1e3
-    out = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
-    out["total_ms"] = sum(groups.values())
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        groups: dict[str, float] = defaultdict(float)
+        for event in prof.key_averages():
+            if event.key.startswith("aten::"):
+                groups[_group(event.key)] += event.self_cpu_time_total / 1e3
+        runs.append(groups)
+    names = {g for r in runs for g in r}
+    med = {g: statistics.median(r.get(g, 0.0) for r in runs) for g in names}
+    out = dict(sorted(med.items(), key=lambda kv: -kv[1]))
+    out["total_ms"] = sum(med.values())
     return out
 
 
