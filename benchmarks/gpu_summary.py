@@ -149,8 +149,9 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="the folder comes from a CPU dry run")
     args = p.parse_args()
     if args.env:
-        write_json(args.env, environment())
-        print(json.dumps(environment(), indent=1))
+        env = environment()  # once: it runs nvidia-smi
+        write_json(args.env, env)
+        print(json.dumps(env, indent=1))
     if args.summarize:
         return summarize(args.summarize, args.dry_run)
     return 0

@@ -186,8 +186,7 @@ class Int8Settings:
 def _int8_images(model: torch.nn.Module, settings: Int8Settings) -> tuple[list, list]:
     """``(calibration images, check images)``, preprocessed as the model's record says."""
     images, _ = calibration_images(settings.calibration, eval_transform(model), settings.size)
-    held = int(len(images) * settings.holdout) if len(images) >= 2 else 0
-    held = max(held, 1) if len(images) >= 2 else 0
+    held = max(1, int(len(images) * settings.holdout)) if len(images) >= 2 else 0
     calib, check = images[held:], images[:held]
     return calib, check or calib
 

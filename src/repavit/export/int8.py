@@ -198,9 +198,8 @@ def quantize_openvino_static(
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(batches),
         )
-    for key in ("repavit_record",):
-        if model.has_rt_info(key):
-            quantized.set_rt_info(model.get_rt_info(key).astype(str), key)
+    if model.has_rt_info("repavit_record"):  # the record the fp32 IR carries
+        quantized.set_rt_info(model.get_rt_info("repavit_record").astype(str), "repavit_record")
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return Path(dst)
 
