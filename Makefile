@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,demo,bench,onnx,openvino]"
+	$(PY) -m pip install --quiet -e ".[dev,demo,bench,dense,onnx,openvino]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,6 +27,7 @@ LEVELS = {
     "export": 3,
     "train": 4,
     "bench": 4,
+    "dense": 5,
     "demo": 5,
     "cli": 6,
 }

@@ -18,6 +18,8 @@ from ._run import Parser, add_spelling_aliases, run_command
 COMMANDS = [
     "bench",
     "train",
+    "detect",
+    "segment",
     "convert",
     "reparam",
     "export",
