@@ -219,3 +219,64 @@ def test_fused_ffn_scripts(idle):
     f = ChannelIdleMlp(8, 32, idle_ratio=idle).eval().fuse()
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(torch.jit.script(f)(x), f(x))
+
+
+def _hidden_inputs(M=10, C=5, h=16, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    gamma = (1 + 0.3 * torch.randn(h, generator=g, dtype=torch.float64)).requires_grad_()
+    return r(M, C), r(h, C), r(h) if bias else None, r(C, h), r(C) if bias else None, gamma, r(h)
+
+
+@pytest.mark.parametrize("a, bias", [(4, True), (1, False), (15, True)])
+def test_fused_hidden_layer_gradcheck(a, bias):
+    from repavit.layers.idle_autograd import _HiddenLayer
+
+    inputs = _hidden_inputs(bias=bias)
+    h = inputs[1].shape[0]
+    stats = torch.zeros(h, dtype=torch.float64), torch.ones(h, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: _HiddenLayer.apply(*t, *stats, a, 0.1, 1e-5), inputs)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_hidden_layer_equals_split_graph_and_saves_less(momentum):
+    """Outputs, every gradient and the running statistics equal the split graph's; it keeps fewer bytes."""
+    torch.manual_seed(0)
+    fused = randomize_bn(ChannelIdleMlp(12, 48, idle_ratio=0.75)).train()
+    fused.norm2.momentum = momentum
+    split = ChannelIdleMlp(12, 48, idle_ratio=0.75).train()
+    split.load_state_dict(fused.state_dict())
+    split.norm2.momentum, split.fused_hidden = momentum, False
+    x = torch.randn(4, 9, 12)
+    saved = {}
+    for name, m in (("fused", fused), ("split", split)):
+        xi = x.clone().requires_grad_()
+        nbytes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, acc=nbytes: acc.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            for _ in range(2):  # two steps: num_batches_tracked and the cumulative average advance
+                y = m(xi)
+        y.backward(torch.ones_like(y))
+        saved[name] = (y, xi.grad, sum(nbytes))
+    torch.testing.assert_close(saved["fused"][0], saved["split"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(saved["fused"][1], saved["split"][1], rtol=1e-4, atol=1e-5)
+    for (n, p), (_, q) in zip(fused.named_parameters(), split.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    for (n, p), (_, q) in zip(fused.named_buffers(), split.named_buffers()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert saved["fused"][2] < 0.8 * saved["split"][2], {k: v[2] for k, v in saved.items()}
+
+
+def test_fused_hidden_layer_only_where_exact():
+    from repavit.layers.idle_autograd import fused_hidden_applies
+
+    m = ChannelIdleMlp(8, 32).train()
+    u = torch.randn(6, 8)
+    assert fused_hidden_applies(u, m.norm2, m.act)
+    assert not fused_hidden_applies(u[:1], m.norm2, m.act)  # one token: BatchNorm refuses, as it should
+    assert not fused_hidden_applies(u, m.norm2, nn.GELU(approximate="tanh"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_hidden_applies(u, m.norm2, m.act)
+    m.eval()
+    assert not fused_hidden_applies(u, m.norm2, m.act)  # running statistics: the plain (foldable) ops

@@ -29,6 +29,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..errors import ArgumentError, UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
+from .idle_autograd import fused_hidden_applies, hidden_layer
 
 FEATURE_NORMS = ("BatchNorm", "LayerNorm")
 HEURISTICS = ("static", "linear")
@@ -147,6 +148,10 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
             the fold absorbs ``1 / skip_lam`` into the output weights and bias.
     """
 
+    # Training mode takes repavit.layers.idle_autograd.hidden_layer (one autograd node, less saved memory)
+    # where it applies; False keeps the split graph of _split_hidden (the benchmark compares the two).
+    fused_hidden: bool = True
+
     def __init__(
         self,
         dim: int,
@@ -191,6 +196,8 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         u = self.norm1(x.reshape(-1, self.dim))  # (B*N, C)
         if torch.jit.is_scripting():  # compiled alone: the eager branch below is not
             y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
+        elif self._fused_hidden_applies(u):
+            y = self._fused_hidden(u)  # training: one autograd node
         elif self._split_norm2():
             y = self._split_hidden(u)
         else:  # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm), TorchScript
@@ -203,6 +210,14 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
     def _split_norm2(self) -> bool:
         """Whether the two channel groups can be normalized apart (a plain BatchNorm1d over partly idle channels)."""
         return 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm1d
+
+    @torch.jit.unused
+    def _fused_hidden_applies(self, u: Tensor) -> bool:
+        return self.fused_hidden and self._split_norm2() and fused_hidden_applies(u, self.norm2, self.act)
+
+    @torch.jit.unused
+    def _fused_hidden(self, u: Tensor) -> Tensor:
+        return hidden_layer(u, self.fc1, self.norm2, self.fc2, self.act_dim)
 
     @torch.jit.unused
     def _split_hidden(self, u: Tensor) -> Tensor:
