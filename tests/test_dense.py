@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import repavit
 from repavit.cli.main import main as cli
 from repavit.data.dense import write_dense_set
 from repavit.dense.backbone import DenseBackbone, build_backbone
@@ -48,6 +49,26 @@ def test_backbone_levels_and_frozen_statistics(name):
     assert not all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
 
 
+@pytest.mark.parametrize("name", ["RePaSwin_Tiny", "RePaViT_Small"])
+def test_imagenet_checkpoint_loads_into_the_backbone_through_its_record(tmp_path, name):
+    from repavit.models import record_of, save_checkpoint
+
+    kwargs = {**TINY[name], "num_classes": 7}
+    if name == "RePaViT_Small":
+        kwargs["img_size"] = 64  # a detector's ViT takes another size: the position embedding is resampled
+    cls = randomize_bn(repavit.create_model(name, **kwargs))
+    save_checkpoint(tmp_path / "cls.pth", cls.state_dict(), record_of(cls, name))
+    given = {"img_size": 96} if name == "RePaViT_Small" else {}  # the rest comes from the record
+    bb = build_backbone(name, pretrained=str(tmp_path / "cls.pth"), model_kwargs=given)
+    ref = cls.state_dict()
+    for key, value in bb.body.state_dict().items():
+        if key == "pos_embed":
+            assert value.shape[1] == 1 + (96 // 16) ** 2 and ref[key].shape[1] == 1 + (64 // 16) ** 2
+        else:
+            assert torch.equal(value, ref[key]), key
+    assert bb.body.num_classes == 0
+
+
 def test_backbone_refusals():
     with pytest.raises(UserError, match="no dense-prediction backbone"):
         build_backbone("RePaMlpMixer_s16")
@@ -72,7 +93,8 @@ def test_reparameterized_detector_gives_the_same_detections(kind):
     cfg = DetectorConfig(kind, "RePaSwin_Tiny", 3, min_size=96, max_size=96, fpn_channels=32, model_kwargs=SWIN)
     model, fused = _folded_pair(build_detector(cfg).double(), detector_backbone)
     for m in (model, fused):  # keep every candidate box, so there is a ranking to compare
-        getattr(m, "roi_heads", m).score_thresh = 0.0
+        head = getattr(m, "roi_heads", m)
+        head.score_thresh, head.detections_per_img = 0.0, 30
     images = [torch.rand(3, 96, 96, dtype=torch.float64), torch.rand(3, 80, 100, dtype=torch.float64)]
     with torch.no_grad():
         ref, out = model(images), fused(images)
@@ -152,6 +174,7 @@ TRAIN = ["--epochs", "1", "--batch-size", "2", "--warmup-iters", "2", "--workers
 def test_detect_cli_train_eval_reparam_predict(tmp_path, capsys, detector):
     data, run = tmp_path / "data", tmp_path / "run"
     assert cli(["detect", "data", str(data), "--num-train", "4", "--num-val", "2", "--image-size", "96"]) == 0
+    (data / "train" / "000002.jpg").write_bytes(b"not a jpeg")  # one bad image must not stop the epoch
     args = [
         "detect",
         "train",
@@ -224,3 +247,27 @@ def test_segment_cli_train_eval_reparam(tmp_path, capsys):
     other = [a if a != "16" else "32" for a in args]  # another head width: resuming must refuse it
     assert cli([*other, "--resume", "auto", "--epochs", "3"]) == 2
     assert "channels=16" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~20 s: a 2-process torchrun run
+def test_torchrun_two_processes_train_and_score_every_image_once(tmp_path):
+    """DDP training, then evaluation sharded over 2 processes: 3 images, none counted twice, the same score."""
+    import subprocess
+    import sys
+
+    from test_distributed import free_port
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_dense_set(data, layout="coco", num_train=4, num_val=3, image_size=96, num_classes=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "repavit", "detect", "train", "--data", str(data), *_swin_flags(),
+           "--min-size", "96", "--max-size", "96", "--fpn-channels", "16", "--output-dir", str(run), *TRAIN,
+           "--batch-size", "1"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metrics"]["images"] == 3
+    assert cli(["detect", "eval", str(run / "checkpoint.pth"), "--data", str(data)]) == 0  # one process
+    single = json.loads((run / "eval.json").read_text())
+    assert single["detections"] == summary["metrics"]["detections"]
+    assert single["bbox"]["AP"] == pytest.approx(summary["metrics"]["bbox"]["AP"], abs=1e-9)

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--min-size", type=int, default=800, help="shorter image side after resizing")
     t.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing")
     t.add_argument("--fpn-channels", type=int, default=256)
+    t.add_argument("--rois-per-image", type=int, default=512, help="Mask R-CNN: RoIs sampled per image in training")
     add_train_args(t, epochs=12, lr=1e-4, batch_size=2, warmup=500)
     t.set_defaults(func=run_train)
     add_eval_parser(inner, "detection")
@@ -48,6 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
         min_size=args.min_size,
         max_size=args.max_size,
         fpn_channels=args.fpn_channels,
+        rois_per_image=args.rois_per_image,
         bn=args.bn,
         model_kwargs=key_values(args.model_kwargs),
     )

@@ -57,8 +57,9 @@ class _LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _simple_pyramid(dim: int) -> tuple[nn.ModuleList, list[int]]:
-    """ViTDet's scale ops from a stride-16 map: strides 4, 8, 16, 32 and their channel counts."""
+def _simple_pyramid(dim: int, levels: tuple[int, ...]) -> tuple[nn.ModuleDict, list[int]]:
+    """ViTDet's scale ops from a stride-16 map for the requested levels (strides 4, 8, 16, 32), and the
+    channel counts of all four."""
     half, quarter = dim // 2, dim // 4
     ops = nn.ModuleList(
         [
@@ -73,7 +74,7 @@ def _simple_pyramid(dim: int) -> tuple[nn.ModuleList, list[int]]:
             nn.MaxPool2d(2),
         ]
     )
-    return ops, [quarter, half, dim, dim]
+    return nn.ModuleDict({str(i): ops[i] for i in levels}), [quarter, half, dim, dim]
 
 
 class DenseBackbone(nn.Module):
@@ -95,7 +96,7 @@ class DenseBackbone(nn.Module):
             raise UserError(f"out_indices {out_indices!r}: expected increasing levels from 0 to 3")
         self.body, self.family, self.bn, self.out_indices = body, family, bn, tuple(out_indices)
         if family == "vit":
-            self.pyramid, chans = _simple_pyramid(body.embed_dim)
+            self.pyramid, chans = _simple_pyramid(body.embed_dim, self.out_indices)
             self.norms = None
             strides = [4, 8, 16, 32]
         else:
@@ -131,7 +132,7 @@ class DenseBackbone(nn.Module):
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         if self.family == "vit":
             (last,) = self.body.forward_intermediates(x, indices=1, intermediates_only=True)
-            maps = [self.pyramid[i](last) for i in self.out_indices]
+            maps = [self.pyramid[str(i)](last) for i in self.out_indices]
         elif self.family == "swin":
             if self._nhwc:  # ours gives channels-last maps without a copy
                 feats = self.body.forward_intermediates(
@@ -171,8 +172,10 @@ def build_backbone(
     if family == "swin" and not model_name.startswith("RePa"):
         kwargs.setdefault("strict_img_size", False)  # timm's Swin: any input size, as ours
     body = _build_body(model_name, pretrained, kwargs)
-    if hasattr(body, "reset_classifier"):
-        body.reset_classifier(0)
+    # drop what the feature maps do not use (head, final norm, stages after the last level): DDP needs
+    # every parameter to get a gradient
+    keep = [len(body.blocks) - 1] if family == "vit" else [max(out_indices)]
+    body.prune_intermediate_layers(keep, prune_norm=True, prune_head=True)
     return DenseBackbone(body, family, out_indices=out_indices, bn=bn)
 
 
@@ -198,7 +201,7 @@ def _build_body(model_name: str, pretrained: str | None, kwargs: dict[str, Any])
 
 
 def loaded_args(model: nn.Module) -> dict[str, Any]:
-    """The settings a loaded model was built with (its record's), without the head size."""
+    """The settings a loaded model was built with (its record's), without the input size."""
     from ..models.record import model_args_of
 
-    return {k: v for k, v in model_args_of(model).items() if k not in ("num_classes", "img_size")}
+    return {k: v for k, v in model_args_of(model).items() if k != "img_size"}

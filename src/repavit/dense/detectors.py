@@ -44,6 +44,7 @@ class DetectorConfig:
     max_size: int = 1333
     fpn_channels: int = 256
     bn: str = "frozen"
+    rois_per_image: int = 512
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     task: str = "detection"
 
@@ -54,6 +55,8 @@ class DetectorConfig:
             raise UserError(f"num_classes={self.num_classes!r}: expected a positive number of object classes")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise UserError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.rois_per_image < 1:
+            raise UserError(f"rois_per_image={self.rois_per_image}: expected at least 1")
         if not 32 <= self.min_size <= self.max_size:
             raise UserError(f"image sizes min {self.min_size}, max {self.max_size}: expected 32 <= min <= max")
 
@@ -100,7 +103,7 @@ def build_detector(cfg: DetectorConfig, pretrained: str | None = None) -> nn.Mod
         size["fixed_size"] = (cfg.min_size, cfg.min_size)
     n = cfg.num_classes + 1  # with the background
     if cfg.detector == "maskrcnn":
-        return MaskRCNN(backbone, num_classes=n, **size)
+        return MaskRCNN(backbone, num_classes=n, box_batch_size_per_image=cfg.rois_per_image, **size)
     if cfg.detector == "fcos":
         return FCOS(backbone, num_classes=n, **size)
     anchors = AnchorGenerator(

@@ -13,6 +13,7 @@ trains on its shard and evaluates its share of the images; scores are computed f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import read_checkpoint, save_checkpoint
-from ..train.distributed import DistEnv, cleanup, init_distributed
+from ..train.distributed import DistEnv, cleanup, gather_objects, init_distributed
 from ..train.engine import unwrap
 from ..train.progress import Progress
 from ..train.rundir import RunDir
@@ -161,7 +162,11 @@ def fit(
 
     env = init_distributed(s.device, s.dist_backend)
     rundir, start = _prepare_dir(env, Path(output_dir), resume, overwrite)
+    start = str(gather_objects(start, env)[0])  # every process resumes from the main one's choice
     try:
+        if start and rundir.finished(s.epochs):  # a finished run: nothing to train, its summary stands
+            _logger.info("%s finished its %d epochs already; nothing to do", rundir.path, s.epochs)
+            return json.loads((rundir.path / "summary.json").read_text())
         torch.manual_seed(s.seed + env.rank)
         model = task.build(pretrained).to(env.device)
         ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema else None

@@ -29,7 +29,14 @@ __all__ = ["DetectionTask", "SegmentationTask"]
 
 
 def _loader(ds, s, env: DistEnv, train: bool, collate=None) -> DataLoader:
-    sampler = DistributedSampler(ds, env.world_size, env.rank, shuffle=train, seed=s.seed) if env.distributed else None
+    """Training: shuffled (a DistributedSampler shard per process). Evaluation: image ``rank``, ``rank + world``,
+    ... in order, without the padding a DistributedSampler adds (a repeated image would count twice)."""
+    if not env.distributed:
+        sampler = None
+    elif train:
+        sampler = DistributedSampler(ds, env.world_size, env.rank, shuffle=True, seed=s.seed)
+    else:
+        sampler = list(range(env.rank, len(ds), env.world_size))
     return DataLoader(
         ds,
         batch_size=s.batch_size if train else 1,
