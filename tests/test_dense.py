@@ -69,6 +69,34 @@ def test_imagenet_checkpoint_loads_into_the_backbone_through_its_record(tmp_path
     assert bb.body.num_classes == 0
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(clip_grad=-1.0), "--clip-grad"),
+        (dict(ema_decay=1.0), "--model-ema-decay"),
+        (dict(workers=-1), "--workers"),
+        (dict(epochs=0), "--epochs"),
+        (dict(warmup_ratio=0.0), "--warmup-ratio"),
+    ],
+)
+def test_schedule_refuses_bad_values(bad, match):
+    from repavit.dense.engine import Schedule
+
+    with pytest.raises(UserError, match=match):
+        Schedule(**bad)
+
+
+def test_lr_schedule_warms_up_then_steps():
+    from repavit.dense.engine import Schedule, lr_factor
+
+    s = Schedule(epochs=12, lr_steps=(8, 11), warmup_iters=10, warmup_ratio=0.001)
+    assert lr_factor(0, 100, s) == pytest.approx(0.001)
+    assert lr_factor(5, 100, s) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(10, 100, s) == 1.0
+    assert lr_factor(799, 100, s) == 1.0 and lr_factor(800, 100, s) == pytest.approx(0.1)
+    assert lr_factor(1100, 100, s) == pytest.approx(0.01)
+
+
 def test_backbone_refusals():
     with pytest.raises(UserError, match="no dense-prediction backbone"):
         build_backbone("RePaMlpMixer_s16")
@@ -76,6 +104,10 @@ def test_backbone_refusals():
         build_backbone("RePaSwin_Tiny", bn="maybe", model_kwargs=SWIN)
     with pytest.raises(UserError, match="unknown detector"):
         DetectorConfig("yolo", "RePaSwin_Tiny", 3)
+    with pytest.raises(UserError, match="multiple of 32"):
+        DetectorConfig("retinanet", "RePaViT_Small", 3, min_size=100, max_size=200)
+    with pytest.raises(UserError, match="fpn_channels"):
+        DetectorConfig("retinanet", "RePaSwin_Tiny", 3, fpn_channels=0)
 
 
 def _folded_pair(model: torch.nn.Module, backbone_of) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -211,6 +243,10 @@ def test_detect_cli_train_eval_reparam_predict(tmp_path, capsys, detector):
     assert cli([*args, "--resume", "auto"]) == 0  # the finished run: nothing left to train
     assert cli(["segment", "eval", str(ckpt), "--data", str(data)]) == 2
     assert "not a segmentation one" in capsys.readouterr().err
+    other = tmp_path / "other"  # another class list: scoring against it would map categories wrongly
+    write_dense_set(other, layout="coco", num_train=1, num_val=1, image_size=96, num_classes=2)
+    assert cli(["detect", "eval", str(ckpt), "--data", str(other)]) == 2
+    assert "has 2 categories" in capsys.readouterr().err
 
 
 def test_segment_cli_train_eval_reparam(tmp_path, capsys):

@@ -63,6 +63,8 @@ def load_dense(
             "`repavit detect train` or `repavit segment train`"
         )
     kind = dense.get("task")
+    if kind not in ("detection", "segmentation"):
+        raise UserError(f"{path}'s 'dense' entry names no task (detection or segmentation): the file was altered")
     if task is not None and kind != task:
         raise UserError(f"{path} holds a {kind} model, not a {task} one")
     if kind == "detection":
@@ -116,7 +118,7 @@ def predict_images(
     dev = resolve_device(device)
     model = loaded.model.to(dev).eval()
     names = loaded.task.config.class_names or [str(i) for i in range(loaded.task.config.num_classes)]
-    rows = []
+    rows, stems = [], set()
     for path in images:
         rgb = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
         x = rgb.float().div(255).to(dev)
@@ -141,7 +143,11 @@ def predict_images(
                 drawn = draw_segmentation_masks(rgb, masks, alpha=0.5)
                 counts = torch.bincount(pred.flatten(), minlength=len(names))
                 row = {"image": str(path), "pixels": {n: int(c) for n, c in zip(names, counts) if c}}
-        target = out_dir / (Path(path).stem + ".png")
+        stem = Path(path).stem
+        while stem in stems:  # a/x.jpg and b/x.png: keep both drawings
+            stem += "_"
+        stems.add(stem)
+        target = out_dir / (stem + ".png")
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
         rows.append({**row, "drawn": str(target)})
     write_json(out_dir / "predictions.json", rows)

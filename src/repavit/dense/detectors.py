@@ -55,6 +55,18 @@ class DetectorConfig:
             raise UserError(f"num_classes={self.num_classes!r}: expected a positive number of object classes")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise UserError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.fpn_channels < 1:
+            raise UserError(f"fpn_channels={self.fpn_channels}: expected at least 1")
+        vit = "vit" in self.model.lower() or "deit" in self.model.lower()
+        if vit and self.min_size % 32:
+            raise UserError(
+                f"a ViT backbone takes one square input: --min-size {self.min_size} must be a multiple of 32"
+            )
+        if vit and self.model_kwargs.get("img_size", self.min_size) != self.min_size:
+            raise UserError(
+                f"img_size={self.model_kwargs['img_size']} differs from --min-size {self.min_size}: a ViT "
+                "backbone's input is --min-size (leave img_size out)"
+            )
         if self.rois_per_image < 1:
             raise UserError(f"rois_per_image={self.rois_per_image}: expected at least 1")
         if not 32 <= self.min_size <= self.max_size:

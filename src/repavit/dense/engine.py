@@ -68,6 +68,12 @@ class Schedule:
             raise UserError("expected --lr > 0, --weight-decay >= 0, 0 < --gamma <= 1 and --warmup-iters >= 0")
         if not 0 < self.warmup_ratio <= 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio}: expected 0 < ratio <= 1")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise UserError(f"--clip-grad {self.clip_grad}: expected a positive gradient norm (or 0 for none)")
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"--model-ema-decay {self.ema_decay}: expected 0 < decay < 1")
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers}: expected 0 or more loader processes")
 
 
 def lr_factor(it: int, iters_per_epoch: int, s: Schedule) -> float:
@@ -106,17 +112,15 @@ def _prepare_dir(env: DistEnv, out: Path, resume: str, overwrite: bool) -> tuple
     return rundir, start
 
 
-def _restore(path: str, task: Any, model: nn.Module, opt, ema) -> tuple[int, list[dict[str, Any]]]:
+def _restore(path: str, task: Any, model: nn.Module, opt) -> tuple[int, list[dict[str, Any]], dict | None]:
     raw = read_checkpoint(path)
     if "optimizer" not in raw or "epoch" not in raw or "dense" not in raw:
         raise UserError(f"{path} holds no dense training state (model, optimizer, epoch): cannot resume it")
     task.check_config(raw["dense"], path)
     unwrap(model).load_state_dict(raw["model"])
     opt.load_state_dict(raw["optimizer"])
-    if ema is not None and "model_ema" in raw:
-        ema.module.load_state_dict(raw["model_ema"])
     _logger.info("resumed from %s (epoch %d)", path, raw["epoch"])
-    return int(raw["epoch"]), list(raw.get("history", []))
+    return int(raw["epoch"]), list(raw.get("history", [])), raw.get("model_ema")
 
 
 def _train_epoch(task, model, loader, opt, ema, s: Schedule, env: DistEnv, epoch: int, it0: int) -> dict[str, Any]:
@@ -169,11 +173,13 @@ def fit(
             return json.loads((rundir.path / "summary.json").read_text())
         torch.manual_seed(s.seed + env.rank)
         model = task.build(pretrained).to(env.device)
-        ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema else None
-        if env.distributed:
+        if env.distributed:  # DDP copies rank 0's weights to every process
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=task.unused_parameters)
         opt = build_optimizer(model, s)
-        epoch0, history = _restore(start, task, model, opt, ema) if start else (0, [])
+        epoch0, history, ema_state = _restore(start, task, model, opt) if start else (0, [], None)
+        ema = ModelEmaV3(unwrap(model), decay=s.ema_decay) if s.ema else None  # from the (restored) weights
+        if ema is not None and ema_state is not None:
+            ema.module.load_state_dict(ema_state)
         if env.is_main and start:
             rundir.append_log({"event": "resumed", "from": start, "epoch": epoch0})
         loader = task.train_loader(s, env)
@@ -181,6 +187,8 @@ def fit(
         for epoch in range(epoch0, s.epochs):
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
+            if loader.generator is not None:  # the epoch's shuffle, the same when resumed
+                loader.generator.manual_seed(s.seed + epoch)
             done = _train_epoch(task, model, loader, opt, ema, s, env, epoch, epoch * len(loader))
             row = {"epoch": epoch + 1, **done}
             if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:

@@ -52,6 +52,8 @@ class SegmenterConfig:
             raise UserError(f"num_classes={self.num_classes!r}: expected a positive number of classes")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise UserError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.channels < 1:
+            raise UserError(f"channels={self.channels}: expected at least 1")
         if self.inference not in INFERENCE_MODES:
             raise UserError(f"unknown inference mode {self.inference!r}: expected 'whole' or 'slide'")
         if not 0 < self.stride <= self.crop_size:
@@ -137,7 +139,11 @@ class UperNet(nn.Module):
                 y0, x0 = min(i * stride, max(H - crop, 0)), min(j * stride, max(W - crop, 0))
                 window = image[:, y0 : y0 + crop, x0 : x0 + crop]
                 h, w = window.shape[1:]
-                logits[:, y0 : y0 + h, x0 : x0 + w] += self(window[None])[0]
+                if self.backbone.family == "vit" and (h, w) != (crop, crop):  # a ViT takes crop x crop only
+                    out = self(F.pad(window, (0, crop - w, 0, crop - h))[None])[0, :, :h, :w]
+                else:
+                    out = self(window[None])[0]
+                logits[:, y0 : y0 + h, x0 : x0 + w] += out
                 count[:, y0 : y0 + h, x0 : x0 + w] += 1
         return logits / count
 

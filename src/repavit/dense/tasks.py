@@ -44,7 +44,7 @@ def _loader(ds, s, env: DistEnv, train: bool, collate=None) -> DataLoader:
         sampler=sampler,
         num_workers=s.workers,
         collate_fn=collate,
-        drop_last=train and len(ds) >= s.batch_size,
+        drop_last=train,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(s.seed) if train else None,
     )
@@ -78,7 +78,6 @@ class DetectionTask(_Task):
     def __init__(self, cfg: DetectorConfig, data: str | Path | None) -> None:
         self.config, self.data = cfg, Path(data) if data is not None else None
         self.masks = cfg.detector == "maskrcnn"
-        self.unused_parameters = False
 
     def build(self, pretrained: str | None = None) -> nn.Module:
         return build_detector(self.config, pretrained)
@@ -91,9 +90,21 @@ class DetectionTask(_Task):
             ("task", "detector", "model", "num_classes", "fpn_channels", "model_kwargs", "min_size", "max_size"),
         )
 
+    def check_data(self, ds: CocoDetection) -> None:
+        """The dataset's categories are the detector's (count and names), or a one-line error."""
+        names = ds.category_names[1:]
+        want = self.config.class_names
+        if ds.num_classes != self.config.num_classes or (want is not None and names != want):
+            raise UserError(
+                f"{ds.annotation_file} has {ds.num_classes} categories ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}), the detector {self.config.num_classes}"
+                f"{' (' + ', '.join(want[:5]) + ')' if want else ''}: use data with the detector's categories"
+            )
+
     def train_loader(self, s, env: DistEnv) -> DataLoader:
-        ds = RobustDataset(CocoDetection(self.data, "train", masks=self.masks, train=True))
-        return _loader(ds, s, env, True, collate_detection)
+        base = CocoDetection(self.data, "train", masks=self.masks, train=True)
+        self.check_data(base)
+        return _loader(RobustDataset(base), s, env, True, collate_detection)
 
     @staticmethod
     def loss(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
@@ -105,6 +116,9 @@ class DetectionTask(_Task):
 
     def evaluate(self, model: nn.Module, env: DistEnv, split: str = "val", limit: int | None = None) -> dict:
         ds = CocoDetection(self.data, split, masks=False)
+        self.check_data(ds)
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit {limit}: expected at least 1 image")
         if limit:
             ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
         base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
@@ -159,7 +173,8 @@ class SegmentationTask(_Task):
         return record_of(model.backbone.body, self.config.model)
 
     def check_config(self, saved: dict[str, Any], path: str) -> None:
-        _check(saved, self.config.to_dict(), path, ("task", "model", "num_classes", "channels", "model_kwargs"))
+        keys = ("task", "model", "num_classes", "channels", "model_kwargs", "bn", "crop_size", "inference", "stride")
+        _check(saved, self.config.to_dict(), path, keys)
 
     def train_loader(self, s, env: DistEnv) -> DataLoader:
         ds = AdeSegmentation(
@@ -170,12 +185,17 @@ class SegmentationTask(_Task):
     @staticmethod
     def loss(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch
-        logits = model(images.to(device))
-        loss = F.cross_entropy(logits, labels.to(device), ignore_index=255)
+        logits, labels = model(images.to(device)), labels.to(device)
+        if not (labels != 255).any():  # a crop of ignored pixels only: nothing to learn (not a NaN)
+            loss = logits.sum() * 0.0
+            return loss, {"loss": 0.0}
+        loss = F.cross_entropy(logits, labels, ignore_index=255)
         return loss, {"loss": loss.detach().item()}
 
     def evaluate(self, model: nn.Module, env: DistEnv, split: str = "validation", limit: int | None = None) -> dict:
         ds = AdeSegmentation(self.data, split, num_classes=self.config.num_classes)
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit {limit}: expected at least 1 image")
         if limit:
             ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
         K = self.config.num_classes
@@ -189,8 +209,10 @@ class SegmentationTask(_Task):
                 seconds += time.perf_counter() - t0
                 n += 1
                 conf += confusion_matrix(pred, label[0], K)
-        if env.distributed:
-            torch.distributed.all_reduce(conf)
+        if env.distributed:  # on the device: NCCL reduces device tensors only
+            summed = conf.to(env.device)
+            torch.distributed.all_reduce(summed)
+            conf = summed.cpu()
         seconds, n = all_reduce_sum([seconds, float(n)], env)
         scores = segmentation_scores(conf, self.config.class_names)
         timing = {"images": int(n), "ms_per_image": 1000 * seconds / max(n, 1)}
@@ -203,9 +225,3 @@ class SegmentationTask(_Task):
     @staticmethod
     def describe(row: dict) -> str:
         return ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("train_loss", "mIoU", "aAcc"))
-
-
-def check_num_classes(given: int | None, found: int, where: str) -> int:
-    if given is not None and given != found:
-        raise UserError(f"--num-classes {given} but {where} has {found} classes")
-    return found

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = ["fused_hidden_applies", "hidden_layer"]
@@ -73,6 +74,7 @@ class _HiddenLayer(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # second derivatives would be incomplete: refuse them instead
     def backward(ctx, dy):
         u, w1, w2, gamma, beta, za, xhat, invstd = ctx.saved_tensors
         a = ctx.a
