@@ -238,7 +238,7 @@ def test_bad_arguments_are_refused(tmp_path, kwargs, words):
 
 def test_existing_set_needs_overwrite(tmp_path):
     write_dense_set(tmp_path, layout="coco", **TINY)
-    with pytest.raises(UserError, match="already holds a coco set.*overwrite=True"):
+    with pytest.raises(UserError, match="already holds a coco set.*pass overwrite to replace it"):
         write_dense_set(tmp_path, layout="coco", **TINY)
     # the other layout lives in other folders
     write_dense_set(tmp_path, layout="ade20k", **{**TINY, "num_train": 2, "num_val": 1})
@@ -429,12 +429,12 @@ def test_ade_reader_errors(tmp_path, sets):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "training" / "x1.jpg")
     with pytest.raises(UserError, match=r"x1\.jpg has no annotation .*x1\.png"):
         AdeSegmentation(tmp_path, "training", num_classes=3)
-    with pytest.raises(UserError, match="classes.json not found; pass num_classes"):
-        AdeSegmentation(tmp_path, "training")
     with pytest.raises(UserError, match="names 5 classes"):
         AdeSegmentation(sets["ade"], "training", num_classes=3)
     (tmp_path / "annotations" / "training").mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 9, np.uint8)).save(tmp_path / "annotations" / "training" / "x1.png")
+    with pytest.raises(UserError, match="classes.json not found; give num_classes"):  # the layout is checked first
+        AdeSegmentation(tmp_path, "training")
     with pytest.raises(UserError, match="has label 9; expected 0 .ignore. or 1..3"):
         AdeSegmentation(tmp_path, "training", num_classes=3)[0]
 

@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import MissingExtraError, UserError
+from ..errors import ArgumentError, MissingExtraError, UserError
 from ..utils import atomic_write, write_json
 from .robust import load_rgb
 
@@ -330,7 +330,10 @@ def write_dense_set(
     mask_util = _mask_api("write_dense_set(layout='coco')") if layout == "coco" else None
     existing = _layout_files(root, layout)
     if existing and not overwrite:
-        raise UserError(f"{root} already holds a {layout} set ({existing[0]}); pass overwrite=True to replace it")
+        raise ArgumentError(
+            "{root} already holds a {layout} set ({first}); pass {overwrite} to replace it",
+            root=root, layout=layout, first=existing[0],
+        )  # fmt: skip
     for path in existing:  # annotation files first: a crash here leaves no annotation naming deleted images
         path.unlink()
     pools = _digit_pools(src.targets, num_classes, seed)
@@ -505,7 +508,9 @@ def _ade_classes(root: Path, num_classes: int | None) -> list[str]:
             raise UserError(f"num_classes={num_classes} but {path} names {len(classes)} classes; give one or fix it")
         classes = [str(c) for c in classes]
     elif num_classes is None:
-        raise UserError(f"{path} not found; pass num_classes=K (classes after reduce-zero-label, 150 for ADE20K)")
+        raise ArgumentError(
+            "{path} not found; give {num_classes} (classes after reduce-zero-label, 150 for ADE20K)", path=path
+        )
     else:
         classes = [str(i) for i in range(num_classes)]
     if not 1 <= len(classes) <= 255:
@@ -583,8 +588,8 @@ class AdeSegmentation(Dataset):
             raise UserError(f"scale_range must be (low, high) with 0 < low <= high, got {tuple(scale_range)}")
         self.root, self.split, self.train = Path(root), split, train
         self.crop_size, self.scale_range = crop_size, (lo, hi)
+        self.samples = _pair_ade(self.root / "images" / split, self.root / "annotations" / split)  # layout first
         self.classes = _ade_classes(self.root, num_classes)
-        self.samples = _pair_ade(self.root / "images" / split, self.root / "annotations" / split)
 
     @property
     def num_classes(self) -> int:
