@@ -238,6 +238,8 @@ def test_detect_cli_train_eval_reparam_predict(tmp_path, capsys, detector):
     assert cli(["detect", "predict", str(ckpt), str(data / "val"), "-o", str(tmp_path / "pred"), "--reparam"]) == 0
     rows = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert len(rows) == 2 and all((tmp_path / "pred" / f"{r['image'].split('/')[-1][:-4]}.png").is_file() for r in rows)
+    assert cli([*args[: -len(TRAIN)], *TRAIN, "--batch-size", "10", "--output-dir", str(tmp_path / "r2")]) == 2
+    assert "fewer than --batch-size 10" in capsys.readouterr().err  # 4 images cannot make a batch of 10
     assert cli(args) == 2  # a second run into the same folder is refused in one line
     assert "holds a run" in capsys.readouterr().err
     assert cli([*args, "--resume", "auto"]) == 0  # the finished run: nothing left to train

@@ -107,3 +107,15 @@ def schedule_of(args: argparse.Namespace, lr_steps: tuple[int, ...]):
         device=args.device,
         dist_backend=args.dist_backend,
     )
+
+
+def fit_and_report(task, args: argparse.Namespace, schedule) -> int:
+    """Train ``task`` into ``--output-dir`` and print the final scores (``detect train`` and ``segment train``)."""
+    from ..dense.engine import fit
+    from ._dense_eval import describe_scores
+
+    summary = fit(task, schedule, args.output_dir, args.resume, args.overwrite, args.pretrained)
+    if summary.get("metrics"):
+        print(describe_scores({**summary["metrics"], "reparameterized": False}))
+    print(f"run folder: {args.output_dir} (checkpoint.pth, log.txt, summary.json)")
+    return 0

@@ -8,8 +8,6 @@ from typing import Any
 
 from ..errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
 
 def add_eval_parser(sub, task: str) -> None:
     p = sub.add_parser("eval", help=f"score a {task} checkpoint on the validation split (printed and eval.json)")
@@ -66,6 +64,7 @@ def add_predict_parser(sub, task: str) -> None:
 
 def _run_predict(args: argparse.Namespace, task: str) -> int:
     from ..dense.api import load_dense, predict_images
+    from ..export.int8 import IMAGE_SUFFIXES
 
     files: list[Path] = []
     for item in map(Path, args.images):
@@ -76,7 +75,7 @@ def _run_predict(args: argparse.Namespace, task: str) -> int:
         else:
             raise UserError(f"{item} is not an image file or folder")
     if not files:
-        raise UserError(f"no images in {' '.join(args.images)} (expected {', '.join(sorted(IMAGE_SUFFIXES))} files)")
+        raise UserError(f"no images in {' '.join(args.images)} (expected {', '.join(IMAGE_SUFFIXES)} files)")
     loaded = load_dense(args.checkpoint, task=task, device=args.device)
     if args.reparam:
         loaded.reparameterize()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ._dense_args import add_data_parser, add_train_args, key_values, schedule_of
+from ._dense_args import add_data_parser, add_train_args, fit_and_report, key_values, schedule_of
 from ._dense_bench import add_bench_parser
-from ._dense_eval import add_eval_parser, add_predict_parser, describe_scores
+from ._dense_eval import add_eval_parser, add_predict_parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from ..data.dense import CocoDetection
     from ..dense.detectors import DetectorConfig
-    from ..dense.engine import fit
     from ..dense.tasks import DetectionTask
 
     schedule = schedule_of(args, lr_steps=(8, 11))
@@ -53,10 +52,4 @@ def run_train(args: argparse.Namespace) -> int:
         bn=args.bn,
         model_kwargs=key_values(args.model_kwargs),
     )
-    summary = fit(
-        DetectionTask(cfg, args.data), schedule, args.output_dir, args.resume, args.overwrite, args.pretrained
-    )
-    if summary.get("metrics"):
-        print(describe_scores({**summary["metrics"], "reparameterized": False}))
-    print(f"run folder: {args.output_dir} (checkpoint.pth, log.txt, summary.json)")
-    return 0
+    return fit_and_report(DetectionTask(cfg, args.data), args, schedule)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ._dense_args import add_data_parser, add_train_args, key_values, schedule_of
+from ._dense_args import add_data_parser, add_train_args, fit_and_report, key_values, schedule_of
 from ._dense_bench import add_bench_parser
-from ._dense_eval import add_eval_parser, add_predict_parser, describe_scores
+from ._dense_eval import add_eval_parser, add_predict_parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,13 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..data.dense import AdeSegmentation
-    from ..dense.engine import fit
     from ..dense.segmenter import SegmenterConfig
     from ..dense.tasks import SegmentationTask
 
     schedule = schedule_of(args, lr_steps=())
     val = AdeSegmentation(args.data, "validation", num_classes=args.num_classes)  # checks the layout first
-    names = list(val.classes) if getattr(val, "classes", None) else None
+    names = list(val.classes)
     cfg = SegmenterConfig(
         args.model,
         val.num_classes,
@@ -54,10 +53,4 @@ def run_train(args: argparse.Namespace) -> int:
         stride=min(args.stride, args.crop_size),
         model_kwargs=key_values(args.model_kwargs),
     )
-    summary = fit(
-        SegmentationTask(cfg, args.data), schedule, args.output_dir, args.resume, args.overwrite, args.pretrained
-    )
-    if summary.get("metrics"):
-        print(describe_scores({**summary["metrics"], "reparameterized": False}))
-    print(f"run folder: {args.output_dir} (checkpoint.pth, log.txt, summary.json)")
-    return 0
+    return fit_and_report(SegmentationTask(cfg, args.data), args, schedule)

@@ -24,7 +24,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..errors import UserError
-from .backbone import DenseBackbone, build_backbone
+from .backbone import DenseBackbone, backbone_family, build_backbone
 
 __all__ = ["DETECTORS", "DetectorConfig", "WithFPN", "build_detector"]
 
@@ -57,7 +57,7 @@ class DetectorConfig:
             raise UserError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         if self.fpn_channels < 1:
             raise UserError(f"fpn_channels={self.fpn_channels}: expected at least 1")
-        vit = "vit" in self.model.lower() or "deit" in self.model.lower()
+        vit = backbone_family(self.model) == "vit"
         if vit and self.min_size % 32:
             raise UserError(
                 f"a ViT backbone takes one square input: --min-size {self.min_size} must be a multiple of 32"
@@ -102,7 +102,7 @@ def build_detector(cfg: DetectorConfig, pretrained: str | None = None) -> nn.Mod
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     kwargs = dict(cfg.model_kwargs)
-    vit = "vit" in cfg.model.lower() or "deit" in cfg.model.lower()
+    vit = backbone_family(cfg.model) == "vit"
     if vit:
         kwargs.setdefault("img_size", cfg.min_size)
     levels = (0, 1, 2, 3) if cfg.detector == "maskrcnn" else (1, 2, 3)

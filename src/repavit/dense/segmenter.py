@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .backbone import DenseBackbone, build_backbone
+from .backbone import DenseBackbone, backbone_family, build_backbone
 from .detectors import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SegmenterConfig", "UperNet", "build_segmenter"]
@@ -150,7 +150,7 @@ class UperNet(nn.Module):
 
 def build_segmenter(cfg: SegmenterConfig, pretrained: str | None = None) -> UperNet:
     kwargs = dict(cfg.model_kwargs)
-    if "vit" in cfg.model.lower() or "deit" in cfg.model.lower():
+    if backbone_family(cfg.model) == "vit":
         kwargs.setdefault("img_size", cfg.crop_size)
         if cfg.inference != "slide":
             raise UserError("a ViT backbone takes one input size: segment with --inference slide")

@@ -28,25 +28,32 @@ from .segmenter import SegmenterConfig, build_segmenter
 __all__ = ["DetectionTask", "SegmentationTask"]
 
 
-def _loader(ds, s, env: DistEnv, train: bool, collate=None) -> DataLoader:
-    """Training: shuffled (a DistributedSampler shard per process). Evaluation: image ``rank``, ``rank + world``,
-    ... in order, without the padding a DistributedSampler adds (a repeated image would count twice)."""
+def _loader(ds, env: DistEnv, collate=None, schedule=None) -> DataLoader:
+    """Training (``schedule`` given): shuffled, batches of ``--batch-size`` (a DistributedSampler shard per
+    process). Evaluation: one image at a time, image ``rank``, ``rank + world``, ... in order, without the
+    padding a DistributedSampler adds (a repeated image would count twice)."""
+    train = schedule is not None
     if not env.distributed:
         sampler = None
     elif train:
-        sampler = DistributedSampler(ds, env.world_size, env.rank, shuffle=True, seed=s.seed)
+        sampler = DistributedSampler(ds, env.world_size, env.rank, shuffle=True, seed=schedule.seed)
     else:
         sampler = list(range(env.rank, len(ds), env.world_size))
+    if train and len(sampler if sampler is not None else ds) < schedule.batch_size:
+        raise UserError(
+            f"{len(ds)} training images give each of {env.world_size} process(es) fewer than --batch-size "
+            f"{schedule.batch_size}: lower --batch-size or add images"
+        )
     return DataLoader(
         ds,
-        batch_size=s.batch_size if train else 1,
+        batch_size=schedule.batch_size if train else 1,
         shuffle=train and sampler is None,
         sampler=sampler,
-        num_workers=s.workers,
+        num_workers=schedule.workers if train else 0,
         collate_fn=collate,
         drop_last=train,
         persistent_workers=False,
-        generator=torch.Generator().manual_seed(s.seed) if train else None,
+        generator=torch.Generator().manual_seed(schedule.seed) if train else None,
     )
 
 
@@ -104,7 +111,7 @@ class DetectionTask(_Task):
     def train_loader(self, s, env: DistEnv) -> DataLoader:
         base = CocoDetection(self.data, "train", masks=self.masks, train=True)
         self.check_data(base)
-        return _loader(RobustDataset(base), s, env, True, collate_detection)
+        return _loader(RobustDataset(base), env, collate_detection, schedule=s)
 
     @staticmethod
     def loss(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
@@ -125,7 +132,7 @@ class DetectionTask(_Task):
         results, seconds, n = [], 0.0, 0
         model.eval()
         with torch.no_grad():
-            for images, targets in _loader(ds, _EvalSettings(), env, False, collate_detection):
+            for images, targets in _loader(ds, env, collate_detection):
                 t0 = time.perf_counter()
                 outputs = model([im.to(env.device) for im in images])
                 seconds += time.perf_counter() - t0
@@ -156,10 +163,6 @@ class DetectionTask(_Task):
         return ", ".join(parts)
 
 
-class _EvalSettings:
-    batch_size, workers, seed = 1, 0, 0
-
-
 class SegmentationTask(_Task):
     """ADE20K-layout segmentation (``DIR/images/{training,validation}``, ``DIR/annotations/...``)."""
 
@@ -180,7 +183,7 @@ class SegmentationTask(_Task):
         ds = AdeSegmentation(
             self.data, "training", train=True, crop_size=self.config.crop_size, num_classes=self.config.num_classes
         )
-        return _loader(RobustDataset(ds), s, env, True)
+        return _loader(RobustDataset(ds), env, schedule=s)
 
     @staticmethod
     def loss(model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
@@ -203,7 +206,7 @@ class SegmentationTask(_Task):
         seconds, n = 0.0, 0
         model.eval()
         with torch.no_grad():
-            for image, label in _loader(ds, _EvalSettings(), env, False):
+            for image, label in _loader(ds, env):
                 t0 = time.perf_counter()
                 pred = model.predict(image[0].to(env.device)).argmax(0).cpu()
                 seconds += time.perf_counter() - t0
