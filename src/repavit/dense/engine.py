@@ -97,19 +97,33 @@ def build_optimizer(model: nn.Module, s: Schedule) -> torch.optim.Optimizer:
 
 
 def _prepare_dir(env: DistEnv, out: Path, resume: str, overwrite: bool) -> tuple[RunDir, str]:
+    """Lock and check the run folder on the main process; every process gets the checkpoint to resume from
+    (``""``: a fresh start), or the main process's error (so no process waits for one that stopped)."""
     rundir = RunDir(out)
-    if not env.is_main:
-        return rundir, ""
+    decision: tuple[str, Any] = ("ok", "")
+    if env.is_main:
+        try:
+            decision = ("ok", _claim(rundir, resume, overwrite))
+        except (UserError, OSError) as e:
+            rundir.unlock()
+            decision = ("error", e)
+    kind, value = gather_objects(decision, env)[0]
+    if kind == "error":
+        raise value
+    return rundir, str(value)
+
+
+def _claim(rundir: RunDir, resume: str, overwrite: bool) -> str:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        rundir.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --output-dir {out}: {e.strerror}") from None
+        raise UserError(f"cannot create --output-dir {rundir.path}: {e.strerror}") from None
     rundir.lock()
     rundir.clean_stale()
     start = rundir.decide(resume, overwrite)
     if rundir.pending_clear:
         rundir.clear()
-    return rundir, start
+    return start
 
 
 def _restore(path: str, task: Any, model: nn.Module, opt) -> tuple[int, list[dict[str, Any]], dict | None]:
@@ -166,7 +180,6 @@ def fit(
 
     env = init_distributed(s.device, s.dist_backend)
     rundir, start = _prepare_dir(env, Path(output_dir), resume, overwrite)
-    start = str(gather_objects(start, env)[0])  # every process resumes from the main one's choice
     try:
         if start and rundir.finished(s.epochs):  # a finished run: nothing to train, its summary stands
             _logger.info("%s finished its %d epochs already; nothing to do", rundir.path, s.epochs)
