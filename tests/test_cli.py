@@ -93,7 +93,7 @@ def test_bench_writes_json_plot_and_ratios(tmp_path, capsys):
     # the class-token shortcut does less work than the full computation, which is the paper's count
     mem = {k: v["peak_memory_mb"] for k, v in entry["forms"].items()}
     assert all(m is not None and m > 0 for m in mem.values()), mem
-    assert set(entry["train_step_peak_memory_mb"]) == {"vanilla", "train", "train_split", "masked"}
+    assert set(entry["train_step_peak_memory_mb"]) == {"vanilla", "train", "train_explicit", "train_split", "masked"}
     gm = {k: v["gmacs"] for k, v in entry["forms"].items() if "gmacs" in v}
     assert gm["reparam"] == gm["reference"] < gm["reparam_all_tokens"] == gm["authors_design"] < gm["vanilla"]
     assert entry["forms"]["reparam"]["params_m"] < entry["forms"]["train"]["params_m"]
@@ -101,7 +101,7 @@ def test_bench_writes_json_plot_and_ratios(tmp_path, capsys):
     assert {"reparam/vanilla", "reparam/reference", "reparam/authors_design", "reparam/reparam_all_tokens"} <= set(
         entry["ratios"]
     )
-    assert set(entry["train_step_s"]) == {"vanilla", "train", "train_split", "masked"}
+    assert set(entry["train_step_s"]) == {"vanilla", "train", "train_explicit", "train_split", "masked"}
     for shares in entry["breakdown"].values():
         assert abs(sum(shares.values()) - 1) < 1e-6 and shares["ffn"] > 0 and shares["attention"] > 0
     assert [r["batch_size"] for r in entry["sweep"]] == [1, 2]

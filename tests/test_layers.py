@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from repavit.errors import ArgumentError
 from repavit.layers import ChannelIdleMlp, FusedIdleMlp, active_channels, idle_ratios_for_depth
 
 from helpers import randomize_bn, randomize_params, rel_err
@@ -229,43 +231,91 @@ def _hidden_inputs(M=10, C=5, h=16, bias=True, seed=0):
 
 
 @pytest.mark.parametrize("a, bias", [(4, True), (1, False), (15, True)])
-def test_fused_hidden_layer_gradcheck(a, bias):
+@pytest.mark.parametrize("node", ["explicit", "covariance"])
+def test_hidden_layer_nodes_gradcheck(node, a, bias):
     from repavit.layers.idle_autograd import _HiddenLayer
+    from repavit.layers.idle_covariance import _CovarianceHidden
 
+    fn = {"explicit": _HiddenLayer, "covariance": _CovarianceHidden}[node]
     inputs = _hidden_inputs(bias=bias)
     h = inputs[1].shape[0]
     stats = torch.zeros(h, dtype=torch.float64), torch.ones(h, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: _HiddenLayer.apply(*t, *stats, a, 0.1, 1e-5), inputs)
+    assert torch.autograd.gradcheck(lambda *t: fn.apply(*t, *stats, a, 0.1, 1e-5), inputs)
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_fused_hidden_layer_equals_split_graph_and_saves_less(momentum):
-    """Outputs, every gradient and the running statistics equal the split graph's; it keeps fewer bytes."""
+def _hidden_paths_agree(paths, dtype, tol, x, momentum=0.1, ops=False, monkeypatch=None):
+    """Every path in ``paths`` against ``split``: outputs, input and parameter gradients, buffers, after two
+    steps (so num_batches_tracked and a cumulative average advance); returns each path's saved bytes."""
     torch.manual_seed(0)
-    fused = randomize_bn(ChannelIdleMlp(12, 48, idle_ratio=0.75)).train()
-    fused.norm2.momentum = momentum
-    split = ChannelIdleMlp(12, 48, idle_ratio=0.75).train()
-    split.load_state_dict(fused.state_dict())
-    split.norm2.momentum, split.fused_hidden = momentum, False
-    x = torch.randn(4, 9, 12)
-    saved = {}
-    for name, m in (("fused", fused), ("split", split)):
-        xi = x.clone().requires_grad_()
+    base = randomize_bn(ChannelIdleMlp(12, 48, idle_ratio=0.75)).to(dtype).train()
+    base.norm2.momentum = momentum
+    if ops:  # the plain-op covariance path (torch.compile, autocast) in eager mode
+        monkeypatch.setattr("repavit.layers.idle_mlp.fused_hidden_applies", lambda *a: False)
+    out = {}
+    for path in ("split", *paths):
+        m = copy.deepcopy(base)
+        m.hidden_path = path
+        assert m.hidden_path_for(x.reshape(-1, 12)) == path
+        xi = x.to(dtype).requires_grad_()
         nbytes = []
         with torch.autograd.graph.saved_tensors_hooks(
             lambda t, acc=nbytes: acc.append(t.numel() * t.element_size()) or t, lambda t: t
         ):
-            for _ in range(2):  # two steps: num_batches_tracked and the cumulative average advance
+            for _ in range(2):
                 y = m(xi)
-        y.backward(torch.ones_like(y))
-        saved[name] = (y, xi.grad, sum(nbytes))
-    torch.testing.assert_close(saved["fused"][0], saved["split"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(saved["fused"][1], saved["split"][1], rtol=1e-4, atol=1e-5)
-    for (n, p), (_, q) in zip(fused.named_parameters(), split.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
-    for (n, p), (_, q) in zip(fused.named_buffers(), split.named_buffers()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
-    assert saved["fused"][2] < 0.8 * saved["split"][2], {k: v[2] for k, v in saved.items()}
+        y.backward(torch.cos(y.detach()))
+        out[path] = (y, xi.grad, m, sum(nbytes))
+    ref = out.pop("split")
+    for path, (y, dx, m, _) in out.items():
+        torch.testing.assert_close(y, ref[0], rtol=tol, atol=tol, msg=path)
+        torch.testing.assert_close(dx, ref[1], rtol=10 * tol, atol=tol, msg=path)
+        for (n, p), (_, q) in zip(m.named_parameters(), ref[2].named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=10 * tol, atol=tol, msg=f"{path} {n}")
+        for (n, p), (_, q) in zip(m.named_buffers(), ref[2].named_buffers()):
+            torch.testing.assert_close(p, q, rtol=tol, atol=tol / 10, msg=f"{path} {n}")
+    return {k: v[3] for k, v in out.items()} | {"split": ref[3]}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_hidden_layer_paths_equal_split_graph_and_save_less(momentum, dtype, tol):
+    """The covariance and explicit nodes compute what the split graph computes; each keeps fewer bytes."""
+    x = 2 * torch.randn(8, 30, 12) + 1  # non-centered tokens: the covariance path subtracts their mean
+    saved = _hidden_paths_agree(("explicit", "covariance"), dtype, tol, x, momentum)
+    # per token: split keeps 2h + a + 2C, explicit h + a + 2C, covariance 2a + 2C columns (C = a = 12)
+    assert saved["covariance"] < 0.7 * saved["explicit"] and saved["explicit"] < 0.8 * saved["split"], saved
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_covariance_ops_path_equals_split_graph(dtype, tol, monkeypatch):
+    _hidden_paths_agree(("covariance",), dtype, tol, torch.randn(3, 10, 12), ops=True, monkeypatch=monkeypatch)
+
+
+def test_covariance_path_under_autocast_and_compile():
+    """bfloat16 autocast (statistics in float32) lands near the float32 result; compiled equals eager."""
+    torch.manual_seed(0)
+    m = randomize_bn(ChannelIdleMlp(16, 64)).train()
+    m.hidden_path = "covariance"
+    x = torch.randn(4, 12, 16)
+    ref = copy.deepcopy(m)(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = copy.deepcopy(m)(x)
+    assert 0 < rel_err(half, ref) < 3e-2  # the GEMMs ran in bfloat16, the statistics did not
+    compiled = torch.compile(copy.deepcopy(m), backend="aot_eager")
+    torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_covariance_path_where_it_pays():
+    from repavit.layers.idle_covariance import covariance_pays
+
+    m = ChannelIdleMlp(64, 256).train()  # idle ratio 0.75: 192 idle channels
+    assert covariance_pays(6304, 384, 1536, 384) and covariance_pays(80, 64, 256, 64)
+    assert not covariance_pays(60, 64, 256, 64) and not covariance_pays(10**6, 64, 256, 256)
+    assert m.hidden_path_for(torch.randn(80, 64)) == "covariance"
+    assert m.hidden_path_for(torch.randn(60, 64)) == "explicit"  # few tokens: materializing is cheaper
+    m.hidden_path = "fast"
+    with pytest.raises(ArgumentError, match="hidden_path must be one of auto, covariance, explicit, split"):
+        m(torch.randn(2, 3, 64))
 
 
 def test_fused_hidden_layer_only_where_exact():

@@ -67,18 +67,20 @@ def test_bench_train_step_with_breakdown_and_compiled_forms(tmp_path, fast_compi
     from repavit.bench.suite import format_entry, run_suite
 
     out = tmp_path / "b.json"
-    res = run_suite(["RePaViT_Tiny"], ["vanilla", "train"], batch_size=2, img_size=32, rounds=1, iters=1, warmup=0,
+    # 4 images of 17 tokens at width 32: enough tokens for the covariance path to pay
+    res = run_suite(["RePaViT_Tiny"], ["vanilla", "train"], batch_size=2, img_size=64, rounds=1, iters=1, warmup=0,
                     latency=False, train_step=True, train_batch_size=4, breakdown=True, train_compile=True,
-                    output=out, depth=1)  # fmt: skip
+                    output=out, depth=1, embed_dim=32, num_heads=2)  # fmt: skip
     entry = res["models"]["RePaViT_Tiny"]
     assert json.loads(out.read_text())["models"]["RePaViT_Tiny"]["train_step_ratios"] == entry["train_step_ratios"]
-    forms = {"vanilla", "train", "train_split", "masked"}
+    forms = {"vanilla", "train", "train_explicit", "train_split", "masked"}
     assert set(entry["train_step_s"]) == forms | {"vanilla_compiled", "train_compiled"}
     assert {"train/vanilla", "train_compiled/vanilla_compiled"} <= set(entry["train_step_ratios"])
     assert set(entry["train_step_breakdown_ms"]) == forms
     saved = entry["train_saved_for_backward_mb"]
     assert all(v > 0 for v in saved.values())
-    assert saved["train"] < saved["train_split"]  # the one-node hidden layer keeps less for backward
+    # the covariance path keeps no idle channel for backward, the one-node explicit one no BN2 output
+    assert saved["train"] < saved["train_explicit"] < saved["train_split"]
     assert fast_compile.count("VisionTransformer") == 1 and fast_compile.count("RePaViT") == 1
     assert "train step breakdown train:" in format_entry("RePaViT_Tiny", entry)
 

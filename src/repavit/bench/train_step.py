@@ -2,8 +2,10 @@
 and memory go.
 
 Forward + backward + SGD step on a fixed random batch, interleaved across ``vanilla`` (timm's plain
-counterpart), ``train`` (ours, training form), ``train_split`` (ours with the hidden layer as the split graph
-of plain ops instead of one autograd node) and ``masked`` (the authors' masked training FFN); with
+counterpart), ``train`` (ours, training form: the idle channels through the covariance of the tokens where
+that pays, ``repavit.layers.idle_covariance``), ``train_explicit`` (ours with every hidden channel
+materialized, in one autograd node), ``train_split`` (ours with the hidden layer as the split graph of plain
+ops) and ``masked`` (the authors' masked training FFN); with
 ``train_compile`` also ``vanilla_compiled`` and ``train_compiled`` (``torch.compile`` of each, so that
 neither side has an advantage the other lacks). With ``breakdown``: the step's time per operator group
 from PyTorch's profiler (self time of each aten op: GEMMs, BatchNorm, LayerNorm, GELU, attention,
@@ -164,21 +166,27 @@ def saved_for_backward_mb(model: nn.Module, batch_size: int, img_size: int, devi
     return sum(seen.values()) / 2**20
 
 
-def split_graph(model: nn.Module) -> nn.Module:
-    """A copy whose channel-idle FFNs train through the split graph (``ChannelIdleMlp.fused_hidden = False``)
-    instead of the one-node hidden layer, to measure what that function gains."""
+def with_hidden_path(model: nn.Module, path: str) -> nn.Module:
+    """A copy whose channel-idle FFNs train through hidden layer ``path`` (``ChannelIdleMlp.hidden_path``:
+    ``"explicit"``, the idle channels materialized in one autograd node; ``"split"``, plain ops), to measure
+    what each path gains."""
     from ..layers import ChannelIdleMlp
 
     out = copy.deepcopy(model)
     for m in out.modules():
         if isinstance(m, ChannelIdleMlp):
-            m.fused_hidden = False
+            m.hidden_path = path
     return out
 
 
 def bench_train_step(name: str, entry: dict, model: nn.Module, plan, dev: torch.device) -> None:
     """Every training-step measurement of one model into ``entry`` (see the module docstring)."""
-    tmodels = {"train": copy.deepcopy(model), "train_split": split_graph(model), "masked": with_masked_ffn(model)}
+    tmodels = {
+        "train": copy.deepcopy(model),
+        "train_explicit": with_hidden_path(model, "explicit"),
+        "train_split": with_hidden_path(model, "split"),
+        "masked": with_masked_ffn(model),
+    }
     v = vanilla_counterpart(model)
     if v is not None:
         tmodels = {"vanilla": v.to(dev), **tmodels}

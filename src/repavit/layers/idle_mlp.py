@@ -30,9 +30,12 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from ..errors import ArgumentError, UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 from .idle_autograd import fused_hidden_applies, hidden_layer
+from .idle_covariance import covariance_hidden_layer, covariance_hidden_ops, covariance_pays
 
 FEATURE_NORMS = ("BatchNorm", "LayerNorm")
 HEURISTICS = ("static", "linear")
+# ChannelIdleMlp.hidden_path: how the hidden layer runs in training
+HIDDEN_PATHS = ("auto", "covariance", "explicit", "split")
 # What every front end accepts for ``heuristic``: the two schedules, and the authors' "none" (= static).
 HEURISTIC_CHOICES = (*HEURISTICS, "none")
 _STATIC_ALIASES = ("none", "")
@@ -148,9 +151,12 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
             the fold absorbs ``1 / skip_lam`` into the output weights and bias.
     """
 
-    # Training mode takes repavit.layers.idle_autograd.hidden_layer (one autograd node, less saved memory)
-    # where it applies; False keeps the split graph of _split_hidden (the benchmark compares the two).
-    fused_hidden: bool = True
+    # How the hidden layer runs in training (every path computes the same; the benchmark compares them):
+    # "auto": "covariance" where it takes fewer multiply-adds (repavit.layers.idle_covariance), else
+    # "explicit"; "covariance": the idle channels never computed, through the covariance of the tokens;
+    # "explicit": one autograd node with every channel materialized (repavit.layers.idle_autograd);
+    # "split": plain ops, the two channel groups apart (_split_hidden). Set it on the class or an instance.
+    hidden_path: str = "auto"
 
     def __init__(
         self,
@@ -196,12 +202,8 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         u = self.norm1(x.reshape(-1, self.dim))  # (B*N, C)
         if torch.jit.is_scripting():  # compiled alone: the eager branch below is not
             y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
-        elif self._fused_hidden_applies(u):
-            y = self._fused_hidden(u)  # training: one autograd node
-        elif self._split_norm2():
-            y = self._split_hidden(u)
-        else:  # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm), TorchScript
-            y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
+        else:
+            y = self._hidden(u)
         y = self.drop_path(y.reshape(shape))
         if self.skip_lam != 1.0:
             y = y / self.skip_lam
@@ -212,12 +214,43 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         return 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm1d
 
     @torch.jit.unused
-    def _fused_hidden_applies(self, u: Tensor) -> bool:
-        return self.fused_hidden and self._split_norm2() and fused_hidden_applies(u, self.norm2, self.act)
+    def _hidden(self, u: Tensor) -> Tensor:
+        """``fc2(norm2(partial_act(fc1(u))))`` for tokens ``u`` ``(M, C)``, the way :meth:`hidden_path_for` says."""
+        path = self.hidden_path_for(u)
+        if path == "covariance":
+            if fused_hidden_applies(u, self.norm2, self.act):  # eager, exact GELU: one autograd node
+                return covariance_hidden_layer(u, self.fc1, self.norm2, self.fc2, self.act_dim)
+            return covariance_hidden_ops(u, self.fc1, self.norm2, self.fc2, self.act, self.act_dim)
+        if path == "explicit":
+            return hidden_layer(u, self.fc1, self.norm2, self.fc2, self.act_dim)
+        if path == "split":
+            return self._split_hidden(u)
+        # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm)
+        return self.fc2(self.norm2(self._partial_act(self.fc1(u))))
 
     @torch.jit.unused
-    def _fused_hidden(self, u: Tensor) -> Tensor:
-        return hidden_layer(u, self.fc1, self.norm2, self.fc2, self.act_dim)
+    def hidden_path_for(self, u: Tensor) -> str:
+        """The path the hidden layer takes for tokens ``u``: ``"covariance"``, ``"explicit"``, ``"split"``, or
+        ``"plain"`` (one op after another: no BN2 to split, e.g. LayerNorm form, no idle channel, SyncBatchNorm).
+
+        ``covariance`` needs a plain BatchNorm1d in training mode with affine parameters and running statistics
+        and more than one token; ``explicit`` also exact GELU in eager mode (no autocast, no ``torch.compile``).
+        FX symbolic tracing always gets ``split`` (its graph cannot depend on the batch size)."""
+        if self.hidden_path not in HIDDEN_PATHS:
+            raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {self.hidden_path!r}")
+        if not self._split_norm2():
+            return "plain"
+        bn = self.norm2
+        if self.hidden_path == "split" or is_fx_symbolic_tracing():
+            return "split"
+        batch_stats = bn.training and bn.affine and bn.track_running_stats and bn.running_mean is not None
+        if not (batch_stats and u.dim() == 2 and u.shape[0] > 1):
+            return "split"  # evaluation (running statistics), or one token, which BatchNorm refuses
+        if self.hidden_path == "covariance" or (
+            self.hidden_path == "auto" and covariance_pays(u.shape[0], self.dim, self.hidden_dim, self.act_dim)
+        ):
+            return "covariance"
+        return "explicit" if fused_hidden_applies(u, bn, self.act) else "split"
 
     @torch.jit.unused
     def _split_hidden(self, u: Tensor) -> Tensor:
