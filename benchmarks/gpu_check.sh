@@ -14,7 +14,8 @@
 #              and RePaViT_Large at batch 128 in fp32, then under fp16 and bf16 autocast (SDPA flash kernel)
 #   bench_*    repavit bench --device cuda: vanilla, training form, ours, the class-token shortcut off,
 #              the authors' design and torch.compile, in one process; then the same in fp16 with the
-#              training step; the CUDA allocator's peak memory of every form
+#              training step; the CUDA allocator's peak memory of every form; the fp32 training step of
+#              every hidden-layer path, eager and compiled (compiled only on the GPU: the dry run skips it)
 # PY: the Python with repavit installed (default: .venv/bin/python, else python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,5 +64,8 @@ bench=("$PY" -m repavit bench --models $MODELS --device "$DEVICE" --img-size "$S
 step bench_fp32 $((2 * LIMIT)) "${bench[@]}" --forms vanilla train reparam reparam_all_tokens authors_design compile --output "$OUT/bench_fp32.json"
 step bench_fp16 $((2 * LIMIT)) "${bench[@]}" --forms vanilla reparam reparam_all_tokens authors_design \
     --amp fp16 --train-step --train-batch-size "$BATCH" --output "$OUT/bench_fp16.json"
+# The fp32 training step of every hidden-layer path against vanilla, eager and (on the GPU) compiled.
+step bench_train_fp32 $((2 * LIMIT)) "${bench[@]}" --forms vanilla train --no-latency --train-step \
+    --train-batch-size "$BATCH" $([ $DRY = 0 ] && echo --train-compile) --output "$OUT/bench_train_fp32.json"
 
 "$PY" benchmarks/gpu_summary.py --summarize "$OUT" $([ $DRY = 1 ] && echo --dry-run)

@@ -95,6 +95,7 @@ def _bench(out: Path) -> dict:
                 "ratios": entry.get("ratios", {}),
                 "train_step_s": {k: v["median"] for k, v in entry.get("train_step_s", {}).items()},
                 "train_step_peak_memory_mb": entry.get("train_step_peak_memory_mb"),
+                "train_step_ratios": entry.get("train_step_ratios", {}),
             }
     return rows
 

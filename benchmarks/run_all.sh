@@ -20,6 +20,11 @@ $PY benchmarks/ort_paths.py --model RePaViT_Base --batch-size 16 --rounds 3 --ou
 # RePaViT_Small: training step (batch 32) against timm's deit_small and the authors' masked FFN.
 $PY -m repavit bench --models RePaViT_Small --batch-size 16 --rounds 6 --iters 2 --forms vanilla train reparam \
     --train-step --train-batch-size 32 --output $OUT/vit_small.json --plot $OUT/vit_small.png
+# The training step of every hidden-layer path against vanilla, eager and compiled (README, "Training step").
+for m in Small Base; do
+    $PY -m repavit bench --models RePaViT_$m --forms vanilla train --no-latency --train-step --train-compile \
+        --train-batch-size 32 --rounds 10 --output $OUT/train_step_$(echo $m | tr A-Z a-z)_covariance.json
+done
 # The other families against timm's vanilla counterparts.
 $PY -m repavit bench --models RePaSwin_Tiny RePaPoolformer_s12 RePaMlpMixer_s16 --batch-size 16 --rounds 5 \
     --iters 2 --forms vanilla train reparam --output $OUT/families.json --plot $OUT/families.png

@@ -250,7 +250,10 @@ def _hidden_paths_agree(paths, dtype, tol, x, momentum=0.1, ops=False, monkeypat
     base = randomize_bn(ChannelIdleMlp(12, 48, idle_ratio=0.75)).to(dtype).train()
     base.norm2.momentum = momentum
     if ops:  # the plain-op covariance path (torch.compile, autocast) in eager mode
-        monkeypatch.setattr("repavit.layers.idle_mlp.fused_hidden_applies", lambda *a: False)
+        import repavit.layers.idle_covariance as cov
+
+        monkeypatch.setattr(cov, "fused_hidden_applies", lambda *a: False)
+        monkeypatch.setattr(cov._CovarianceHidden, "apply", None)  # the node must not run
     out = {}
     for path in ("split", *paths):
         m = copy.deepcopy(base)
@@ -289,6 +292,73 @@ def test_hidden_layer_paths_equal_split_graph_and_save_less(momentum, dtype, tol
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_covariance_ops_path_equals_split_graph(dtype, tol, monkeypatch):
     _hidden_paths_agree(("covariance",), dtype, tol, torch.randn(3, 10, 12), ops=True, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_mlp_covariance_path_equals_split_graph(dtype, tol, channels_last):
+    """PoolFormer's NCHW FFN: the pixels as tokens (a view when channels-last), the same as the split graph."""
+    from repavit.layers import ChannelIdleConvMlp
+
+    torch.manual_seed(0)
+    base = randomize_bn(ChannelIdleConvMlp(8, 32, layer_scale_init_value=0.5)).to(dtype).train()
+    x = torch.randn(3, 8, 6, 5, dtype=dtype) + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = {}
+    for path in ("split", "covariance"):
+        m = copy.deepcopy(base)
+        m.hidden_path = path
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.cos(y.detach()))
+        out[path] = (y, xi.grad, m)
+    (y, dx, m), (ry, rdx, ref) = out["covariance"], out["split"]
+    torch.testing.assert_close(y, ry, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx, rdx, rtol=10 * tol, atol=tol)
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=10 * tol, atol=tol, msg=n)
+    for (n, p), (_, q) in zip(m.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol / 10, msg=n)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4])
+def test_covariance_path_in_float32_is_as_accurate_as_the_plain_graph(cond):
+    """Against float64, on tokens with a large mean and a covariance of condition number ``cond``: the
+    float32 covariance path errs no more than the float32 straightforward graph (within 2x), outputs and
+    gradients, although its variance is ``wᵀ Σ w`` instead of a sum over the tokens."""
+    torch.manual_seed(0)
+    c = 64
+    base = ChannelIdleMlp(c, 4 * c).double().train()
+    base.norm1 = nn.Identity()  # the conditioned tokens straight into fc1
+    q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
+    ev = torch.logspace(0, -math.log10(cond), c, dtype=torch.float64)
+    x = (torch.randn(4, 512, c, dtype=torch.float64) * ev.sqrt()) @ q.t() + 3
+    out = {}
+    for dtype, path in ((torch.float64, "split"), (torch.float32, "split"), (torch.float32, "covariance")):
+        m = copy.deepcopy(base).to(dtype)
+        m.hidden_path = path
+        xi = x.to(dtype).detach().requires_grad_()
+        y = m(xi)
+        y.backward(torch.cos(y.detach()))
+        out[dtype, path] = [t.double() for t in (y, xi.grad, m.fc1.weight.grad, m.fc2.weight.grad)]
+    ref = out[torch.float64, "split"]
+    for plain, cov in zip(out[torch.float32, "split"], out[torch.float32, "covariance"]):
+        r = ref.pop(0)
+        assert rel_err(cov, r) <= 2 * rel_err(plain, r) + 1e-7
+
+
+def test_set_hidden_path_reaches_every_family_ffn():
+    import timm
+
+    from repavit.layers.idle_mlp import set_hidden_path
+
+    vit = timm.create_model("RePaViT_Tiny", depth=3, img_size=32)
+    pool = timm.create_model("RePaPoolformer_s12", embed_dims=(8, 16, 24, 32))
+    assert set_hidden_path(vit, "split") == 3 and set_hidden_path(pool, "covariance") == 12
+    assert {m.hidden_path for m in pool.modules() if hasattr(m, "hidden_path")} == {"covariance"}
+    with pytest.raises(ArgumentError, match="got 'fast'"):
+        set_hidden_path(vit, "fast")
 
 
 def test_covariance_path_under_autocast_and_compile():

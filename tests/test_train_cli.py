@@ -184,6 +184,24 @@ def test_layernorm_model_trains_but_has_no_reparam_form(tmp_path, capsys):
     assert cli(f"speed {cfg} --speed_batch_size 4 --speed_iters 1") == 0
 
 
+def test_every_hidden_path_trains_to_the_same_weights(tmp_path):
+    """--hidden_path split (the straightforward graph) and the default (the idle channels through the
+    covariance of the tokens, which these 272-token batches take) end four SGD steps with the same weights
+    and BatchNorm statistics; an unknown path is refused by the parser."""
+    args = f"{TINY} {SYNTH} {EASY} --synthetic_train_size 64 --epochs 1 --no_model_ema --opt sgd --lr 0.5"
+    states = {}
+    for path in ("auto", "split"):
+        assert cli(f"train {args} --hidden_path {path} --output_dir {tmp_path / path}") == 0
+        states[path] = load(tmp_path / path / "checkpoint.pth")["model"]
+    for k, v in states["split"].items():
+        torch.testing.assert_close(states["auto"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    bn2 = "blocks.0.mlp.norm2"
+    assert states["auto"][f"{bn2}.num_batches_tracked"] == 4  # four steps, the statistics moved from 0 and 1:
+    assert states["auto"][f"{bn2}.running_mean"].abs().min() > 0 and (states["auto"][f"{bn2}.running_var"] != 1).all()
+    with pytest.raises(SystemExit):
+        cli(f"train {args} --hidden_path fast --output_dir {tmp_path / 'bad'}")
+
+
 def test_gradient_accumulation_scales_lr_and_counts_updates(tmp_path):
     out = tmp_path / "acc"
     args = f"{TINY} {SYNTH} {EASY} --epochs 1 --accumulation_steps 4 --batch_size 8 --output_dir {out}"

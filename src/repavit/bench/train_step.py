@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..measure import inference_precision, interleaved_throughput, peak_memory_mb, summarize
-from .reference import with_masked_ffn
+from .reference import MaskedIdleMlp, with_masked_ffn
 
 __all__ = ["bench_train_step", "saved_for_backward_mb", "train_step_breakdown", "train_step_peak_memory",
            "train_step_times", "vanilla_counterpart"]  # fmt: skip
@@ -170,12 +170,10 @@ def with_hidden_path(model: nn.Module, path: str) -> nn.Module:
     """A copy whose channel-idle FFNs train through hidden layer ``path`` (``ChannelIdleMlp.hidden_path``:
     ``"explicit"``, the idle channels materialized in one autograd node; ``"split"``, plain ops), to measure
     what each path gains."""
-    from ..layers import ChannelIdleMlp
+    from ..layers.idle_mlp import set_hidden_path
 
     out = copy.deepcopy(model)
-    for m in out.modules():
-        if isinstance(m, ChannelIdleMlp):
-            m.hidden_path = path
+    set_hidden_path(out, path)
     return out
 
 
@@ -185,8 +183,10 @@ def bench_train_step(name: str, entry: dict, model: nn.Module, plan, dev: torch.
         "train": copy.deepcopy(model),
         "train_explicit": with_hidden_path(model, "explicit"),
         "train_split": with_hidden_path(model, "split"),
-        "masked": with_masked_ffn(model),
     }
+    masked = with_masked_ffn(model)
+    if any(isinstance(m, MaskedIdleMlp) for m in masked.modules()):  # the authors' form exists for this FFN
+        tmodels["masked"] = masked
     v = vanilla_counterpart(model)
     if v is not None:
         tmodels = {"vanilla": v.to(dev), **tmodels}

@@ -21,7 +21,9 @@ instead of six, and it keeps less for the backward pass:
   inverse std 1) with ``γ/σ`` as its weight gives ``dg = γ/σ · (d - mean(d) - x̂ mean(d x̂))``, ``∂γ`` and
   ``∂β`` in one call. The GELU derivative is applied to the first ``a`` columns of ``dg``.
 
-It runs only where it is exactly the straightforward graph: BatchNorm1d in training mode with affine
+``ChannelIdleMlp`` takes it (``hidden_path="explicit"``) where the covariance path of
+``repavit.layers.idle_covariance``, which never computes the idle channels, does not pay: batches with few
+tokens. It runs only where it is exactly the straightforward graph: BatchNorm in training mode with affine
 parameters and running statistics, exact GELU, no autocast, no ``torch.compile`` tracing (there the
 compiler fuses the plain graph itself), and more than one token. Anything else takes the plain ops.
 ``tests/test_layers.py`` checks it against them with ``torch.autograd.gradcheck`` in float64 and on the
@@ -43,7 +45,7 @@ def fused_hidden_applies(u: Tensor, bn: nn.Module, act: nn.Module) -> bool:
     """Whether :func:`hidden_layer` computes exactly what the plain ops would (module docstring)."""
     return (
         not is_fx_symbolic_tracing()
-        and type(bn) is nn.BatchNorm1d
+        and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d)  # on tokens (M, C) either is one statistic per channel
         and bn.training
         and bn.affine
         and bn.track_running_stats

@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from ..errors import UserError
+from ..errors import ArgumentError, UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
+from .idle_covariance import covariance_applies, covariance_hidden
 from .idle_mlp import (
+    HIDDEN_PATHS,
     PartialActivation,
     active_channels,
     channel_group_batch_norm,
@@ -87,6 +90,9 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
         self.act = act_layer()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    # How the hidden layer runs in training: "auto" (the covariance path where it pays), "covariance", "split"
+    hidden_path: str = "auto"
+
     def extra_repr(self) -> str:
         return f"act_dim={self.act_dim}/{self.hidden_dim}, feature_norm={self.feature_norm}"
 
@@ -95,7 +101,7 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
         if torch.jit.is_scripting():  # compiled alone: the eager branch below is not
             y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))
         elif self._split_norm2():
-            y = self._split_hidden(u)
+            y = self._hidden(u)
         else:  # LayerNorm form, nothing / everything idle, a converted norm (e.g. SyncBatchNorm), TorchScript
             y = self.fc2(self.norm2(self._partial_act(self.fc1(u))))  # (B, C, H, W)
         if self.ls is not None:
@@ -105,6 +111,23 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
     def _split_norm2(self) -> bool:
         """Whether the two channel groups can be normalized apart (a plain BatchNorm2d over partly idle channels)."""
         return 0 < self.act_dim < self.hidden_dim and type(self.norm2) is nn.BatchNorm2d
+
+    @torch.jit.unused
+    def _hidden(self, u: Tensor) -> Tensor:
+        """The hidden layer with two channel groups: in training, where it pays, the idle channels through
+        the covariance of the pixels (``repavit.layers.idle_covariance``; ``u`` seen as ``(B*H*W, C)``
+        tokens, a view when it is channels-last); else :meth:`_split_hidden`. ``hidden_path`` as in
+        ``ChannelIdleMlp`` (``"explicit"`` is ``"split"`` here)."""
+        if self.hidden_path not in HIDDEN_PATHS:
+            raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {self.hidden_path!r}")
+        if self.hidden_path in ("auto", "covariance") and not is_fx_symbolic_tracing():
+            b, c, h, w = u.shape
+            t = u.permute(0, 2, 3, 1).reshape(-1, c)
+            if covariance_applies(self.norm2, t, self.hidden_dim, self.act_dim, self.hidden_path == "covariance"):
+                w1, b1, w2, b2 = self.fc1.weight.flatten(1), self.fc1.bias, self.fc2.weight.flatten(1), self.fc2.bias
+                y = covariance_hidden(t, w1, b1, w2, b2, self.norm2, self.act, self.act_dim)
+                return y.view(b, h, w, c).permute(0, 3, 1, 2)
+        return self._split_hidden(u)
 
     @torch.jit.unused
     def _split_hidden(self, u: Tensor) -> Tensor:

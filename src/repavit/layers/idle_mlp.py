@@ -30,7 +30,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from ..errors import ArgumentError, UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 from .idle_autograd import fused_hidden_applies, hidden_layer
-from .idle_covariance import covariance_hidden_layer, covariance_hidden_ops, covariance_pays
+from .idle_covariance import covariance_applies, covariance_hidden
 
 FEATURE_NORMS = ("BatchNorm", "LayerNorm")
 HEURISTICS = ("static", "linear")
@@ -218,9 +218,8 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         """``fc2(norm2(partial_act(fc1(u))))`` for tokens ``u`` ``(M, C)``, the way :meth:`hidden_path_for` says."""
         path = self.hidden_path_for(u)
         if path == "covariance":
-            if fused_hidden_applies(u, self.norm2, self.act):  # eager, exact GELU: one autograd node
-                return covariance_hidden_layer(u, self.fc1, self.norm2, self.fc2, self.act_dim)
-            return covariance_hidden_ops(u, self.fc1, self.norm2, self.fc2, self.act, self.act_dim)
+            w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+            return covariance_hidden(u, w1, b1, w2, b2, self.norm2, self.act, self.act_dim)
         if path == "explicit":
             return hidden_layer(u, self.fc1, self.norm2, self.fc2, self.act_dim)
         if path == "split":
@@ -240,17 +239,13 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
             raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {self.hidden_path!r}")
         if not self._split_norm2():
             return "plain"
-        bn = self.norm2
         if self.hidden_path == "split" or is_fx_symbolic_tracing():
             return "split"
-        batch_stats = bn.training and bn.affine and bn.track_running_stats and bn.running_mean is not None
-        if not (batch_stats and u.dim() == 2 and u.shape[0] > 1):
-            return "split"  # evaluation (running statistics), or one token, which BatchNorm refuses
-        if self.hidden_path == "covariance" or (
-            self.hidden_path == "auto" and covariance_pays(u.shape[0], self.dim, self.hidden_dim, self.act_dim)
+        if self.hidden_path in ("auto", "covariance") and covariance_applies(
+            self.norm2, u, self.hidden_dim, self.act_dim, forced=self.hidden_path == "covariance"
         ):
             return "covariance"
-        return "explicit" if fused_hidden_applies(u, bn, self.act) else "split"
+        return "explicit" if fused_hidden_applies(u, self.norm2, self.act) else "split"
 
     @torch.jit.unused
     def _split_hidden(self, u: Tensor) -> Tensor:
@@ -475,6 +470,17 @@ def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
         if kind == "meta" or torch.is_autocast_enabled(kind):  # autocast has no "meta" device type
             return torch.addmm(out, a, b)
         return out.addmm_(a, b)
+
+
+def set_hidden_path(model: nn.Module, path: str) -> int:
+    """Set ``hidden_path`` (``HIDDEN_PATHS``) on every channel-idle FFN in ``model``; returns how many."""
+    if path not in HIDDEN_PATHS:
+        raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {path!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(type(m), "hidden_path", None), str):
+            m.hidden_path, n = path, n + 1
+    return n
 
 
 def reparameterize_module(module: nn.Module) -> int:

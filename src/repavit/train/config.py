@@ -22,7 +22,7 @@ import yaml
 from ..data.datasets import DATASETS
 from ..data.inat import INAT_CATEGORIES
 from ..errors import ArgumentError, UserError
-from ..layers.idle_mlp import FEATURE_NORMS, HEURISTIC_CHOICES
+from ..layers.idle_mlp import FEATURE_NORMS, HEURISTIC_CHOICES, HIDDEN_PATHS
 
 __all__ = ["GROUPS", "TrainConfig", "config_fields", "load_yaml"]
 
@@ -213,6 +213,14 @@ class TrainConfig:
         "checkpoints use the uncompiled module",
         "run",
         aliases=("--torchcompile",),
+    )
+    hidden_path: str = _f(
+        "auto",
+        "how the channel-idle FFNs' hidden layer trains, all computing the same: auto (the idle channels through "
+        "the tokens' covariance where that is cheaper, else every channel computed in one autograd node), "
+        "covariance, explicit, split (plain ops, the straightforward graph)",
+        "run",
+        choices=HIDDEN_PATHS,
     )
     dist_backend: str = _f(
         "auto",

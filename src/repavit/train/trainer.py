@@ -31,6 +31,7 @@ from torch import nn
 from ..data import dataset_classes
 from ..data.transforms import eval_preprocessing
 from ..errors import ArgumentError, UserError
+from ..layers.idle_mlp import set_hidden_path
 from ..models import (
     Checkpoint,
     fold_refusal,
@@ -148,6 +149,7 @@ class Trainer:
         if ckpt is not None:
             check_classes(ckpt, settings, self.val_ds, data_desc(cfg))
         model = build_model(cfg, num_classes, checkpoint=ckpt)
+        set_hidden_path(model, cfg.hidden_path)
         model.train()
         self.record = self._record_of(model, settings)
         if is_repa_model(cfg.model):
