@@ -106,6 +106,8 @@ def _table(summary: dict) -> str:
     for key, b in summary["bench"].items():
         f, r = b["forms"], b["ratios"]
         ours = f.get("reparam", {})
+        if not ours:
+            continue  # a training-step run (next table)
         lines.append(
             f"| {key} ({b['amp']}) | {f.get('vanilla', {}).get('images_per_s') or float('nan'):.1f} | "
             f"{ours.get('images_per_s') or float('nan'):.1f} | {r.get('reparam/vanilla', float('nan')):.3f}x | "
@@ -115,7 +117,23 @@ def _table(summary: dict) -> str:
         lines.append(f"| speed {key} | train {s['median_images_per_s'].get('train', float('nan')):.1f} | "
                      f"reparam {s['median_images_per_s'].get('reparam', float('nan')):.1f} | "
                      f"{s['reparam_over_train'] or float('nan'):.3f}x (over training form) | | |")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_train_table(summary)])
+
+
+def _train_table(summary: dict) -> list[str]:
+    """The training-step rows: vanilla and ours, eager and (where measured) compiled, with peak memory."""
+    nan = float("nan")
+    lines = ["| training step | vanilla s | ours s | ours/vanilla | compiled ours/vanilla | peak MiB vanilla / ours |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for key, b in summary["bench"].items():
+        t, m, r = b["train_step_s"], b["train_step_peak_memory_mb"] or {}, b.get("train_step_ratios", {})
+        if "train" in t and "vanilla" in t:
+            lines.append(
+                f"| {key} ({b['amp']}) | {t['vanilla']:.3f} | {t['train']:.3f} | "
+                f"{r.get('train/vanilla', nan):.3f}x | {r.get('train_compiled/vanilla_compiled', nan):.3f}x | "
+                f"{m.get('vanilla') or nan:.0f} / {m.get('train') or nan:.0f} |"
+            )
+    return lines
 
 
 def summarize(out: Path, dry_run: bool) -> int:

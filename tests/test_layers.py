@@ -322,17 +322,26 @@ def test_conv_mlp_covariance_path_equals_split_graph(dtype, tol, channels_last):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol / 10, msg=n)
 
 
-@pytest.mark.parametrize("cond", [1e2, 1e4])
-def test_covariance_path_in_float32_is_as_accurate_as_the_plain_graph(cond):
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("rows", ["random", "aligned", "subspace"])
+def test_covariance_path_in_float32_is_as_accurate_as_the_plain_graph(cond, rows):
     """Against float64, on tokens with a large mean and a covariance of condition number ``cond``: the
     float32 covariance path errs no more than the float32 straightforward graph (within 2x), outputs and
-    gradients, although its variance is ``wᵀ Σ w`` instead of a sum over the tokens."""
+    gradients, although its variance is ``wᵀ Σ w`` instead of a sum over the tokens. Idle rows of fc1:
+    ``random``; ``aligned``, 8 of them along the smallest eigenvectors; ``subspace``, all of them in the
+    8 smallest eigenvectors' span. There ``wᵀ Σ w`` and ``Σ w`` alone cancel badly (the guard's case)."""
     torch.manual_seed(0)
     c = 64
     base = ChannelIdleMlp(c, 4 * c).double().train()
     base.norm1 = nn.Identity()  # the conditioned tokens straight into fc1
     q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
     ev = torch.logspace(0, -math.log10(cond), c, dtype=torch.float64)
+    a, low = base.act_dim, q[:, -8:].t()
+    with torch.no_grad():
+        if rows == "aligned":
+            base.fc1.weight[a : a + 8] = low
+        elif rows == "subspace":
+            base.fc1.weight[a:] = torch.randn(4 * c - a, 8, dtype=torch.float64) @ low
     x = (torch.randn(4, 512, c, dtype=torch.float64) * ev.sqrt()) @ q.t() + 3
     out = {}
     for dtype, path in ((torch.float64, "split"), (torch.float32, "split"), (torch.float32, "covariance")):
@@ -361,18 +370,54 @@ def test_set_hidden_path_reaches_every_family_ffn():
         set_hidden_path(vit, "fast")
 
 
+def _step(m, x, autocast=False):
+    """Output, input gradient, parameter gradients and buffers of one training step of ``m`` on ``x``."""
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = m(xi)
+    y.float().backward(torch.cos(y.detach().float()))
+    mod = getattr(m, "_orig_mod", m)
+    return [y.float(), xi.grad, *(p.grad for p in mod.parameters()), *(b.float() for b in mod.buffers())]
+
+
 def test_covariance_path_under_autocast_and_compile():
-    """bfloat16 autocast (statistics in float32) lands near the float32 result; compiled equals eager."""
+    """Compiled (dynamic shapes, two batch sizes) the plain-op form gives the split graph's outputs,
+    gradients and running statistics; under bfloat16 autocast it lands as near the float32 result as the
+    split graph does under autocast."""
     torch.manual_seed(0)
-    m = randomize_bn(ChannelIdleMlp(16, 64)).train()
-    m.hidden_path = "covariance"
-    x = torch.randn(4, 12, 16)
-    ref = copy.deepcopy(m)(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = copy.deepcopy(m)(x)
-    assert 0 < rel_err(half, ref) < 3e-2  # the GEMMs ran in bfloat16, the statistics did not
-    compiled = torch.compile(copy.deepcopy(m), backend="aot_eager")
-    torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+    base = randomize_bn(ChannelIdleMlp(16, 64)).train()
+    split, cov = copy.deepcopy(base), copy.deepcopy(base)
+    split.hidden_path, cov.hidden_path = "split", "covariance"
+    compiled = torch.compile(cov, backend="aot_eager", dynamic=True)
+    for batch in (4, 6):  # the second size runs the dynamic graph
+        x = torch.randn(batch, 12, 16) + 1
+        for got, want in zip(_step(compiled, x), _step(split, x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    x = torch.randn(4, 12, 16) + 1
+    ref = _step(copy.deepcopy(base), x)
+    for path in ("split", "covariance"):
+        m = copy.deepcopy(base)
+        m.hidden_path = path
+        half = _step(m, x, autocast=True)
+        errs = [rel_err(h, r) for h, r in zip(half[:4], ref[:4])]  # output, input, fc1 weight and bias
+        assert 0 < max(errs) < 5e-2, (path, errs)
+
+
+def test_covariance_path_on_half_precision_weights_keeps_its_statistics_in_float32():
+    """A float16 model on large tokens: u_cᵀ u_c would overflow float16 (8192 tokens of std 10); the
+    statistics stay float32, so the output and running variance are finite and match the split graph's."""
+    torch.manual_seed(0)
+    base = ChannelIdleMlp(16, 64).train().half()
+    base.norm1 = nn.Identity()  # the large tokens straight into fc1
+    x = (10 * torch.randn(8, 1024, 16)).half()
+    out = {}
+    for path in ("split", "covariance"):
+        m = copy.deepcopy(base)
+        m.hidden_path = path
+        out[path] = (m(x).float(), m.norm2.running_var.float())
+    assert torch.isfinite(out["covariance"][0]).all() and torch.isfinite(out["covariance"][1]).all()
+    assert rel_err(out["covariance"][0], out["split"][0]) < 1e-2
+    assert rel_err(out["covariance"][1], out["split"][1]) < 1e-2
 
 
 def test_covariance_path_where_it_pays():

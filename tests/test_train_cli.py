@@ -184,15 +184,22 @@ def test_layernorm_model_trains_but_has_no_reparam_form(tmp_path, capsys):
     assert cli(f"speed {cfg} --speed_batch_size 4 --speed_iters 1") == 0
 
 
-def test_every_hidden_path_trains_to_the_same_weights(tmp_path):
+def test_every_hidden_path_trains_to_the_same_weights(tmp_path, monkeypatch):
     """--hidden_path split (the straightforward graph) and the default (the idle channels through the
     covariance of the tokens, which these 272-token batches take) end four SGD steps with the same weights
     and BatchNorm statistics; an unknown path is refused by the parser."""
     args = f"{TINY} {SYNTH} {EASY} --synthetic_train_size 64 --epochs 1 --no_model_ema --opt sgd --lr 0.5"
-    states = {}
+    import repavit.layers.idle_mlp as idle_mlp
+
+    calls = {"auto": 0, "split": 0}
+    states, real = {}, idle_mlp.covariance_hidden
     for path in ("auto", "split"):
+        monkeypatch.setattr(
+            idle_mlp, "covariance_hidden", lambda *a, p=path: calls.__setitem__(p, calls[p] + 1) or real(*a)
+        )
         assert cli(f"train {args} --hidden_path {path} --output_dir {tmp_path / path}") == 0
         states[path] = load(tmp_path / path / "checkpoint.pth")["model"]
+    assert calls == {"auto": 4 * 2, "split": 0}  # four steps, two blocks
     for k, v in states["split"].items():
         torch.testing.assert_close(states["auto"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     bn2 = "blocks.0.mlp.norm2"

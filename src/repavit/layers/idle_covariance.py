@@ -19,14 +19,20 @@ Per FFN and training step (forward + backward), with ``k = (h - a) / C`` (3 at i
 idle channels cost ``6 k M C²`` multiply-adds when materialized and ``5 M C² + 5 k C³`` here; for
 RePaViT_Small at batch 32 (``M = 6304``, ``C = 384``) the FFN's GEMMs drop from ``24 M C²`` to
 ``about 11 M C²`` and nothing ``(M, h - a)`` is kept for backward. :func:`covariance_pays` applies it only
-where it does fewer multiply-adds (in practice whenever a batch has more tokens than about ``1.2 C``).
+where it does fewer multiply-adds: ``M > 5 k C / (6 k - 5)`` tokens, about ``1.2 C`` at idle ratio 0.75 and
+``1.4 C`` at 0.5, never when ``h - a <= 5 C / 6``.
 
 Numerics: ``var`` is ``wᵀ Σ w`` instead of a sum over the tokens of ``z_i``, with ``Σ`` from centered tokens.
-``tests/test_layers.py`` checks float64 gradients with ``gradcheck``, float64 and float32 against the split
-graph, and float32 against float64 on tokens with a mean of 3 and a covariance of condition number up to
-1e4: this path errs no more than the float32 split graph there (about 1e-5 on the input gradient, 2e-4 on
-fc1's). The bias ``b1i`` of the idle channels gets a gradient of exactly 0: BatchNorm removes it, and the
-straightforward graph only gives rounding noise there.
+Rounding in ``Σ`` can cancel badly in ``wᵀ Σ w`` and ``Σ w`` for a channel whose weights lie along the
+tokens' low-variance directions. A bound computed every step finds such channels, and the eager node
+recomputes every one of them from its own pre-activations (:func:`_recompute_exposed`). The plain-op form
+(``torch.compile``, autocast) needs static shapes, so it recomputes only the variance of the 16 most exposed
+ones (:func:`_direct_variance`). ``tests/test_layers.py`` checks float64 gradients with ``gradcheck``, and
+float64 and float32 against the split graph. It also checks float32 against float64 on tokens with a mean of
+3 and a covariance of condition number up to 1e6, with fc1 rows that are random, along the smallest
+eigenvectors, or all idle rows in a low-variance subspace: the eager node errs no more than the float32
+split graph (within 2x). The bias ``b1i`` of the idle channels gets a gradient of exactly 0: BatchNorm
+removes it, and the straightforward graph only gives rounding noise there.
 
 Two implementations: :class:`_CovarianceHidden`, one autograd node for eager float32/float64 (its
 backward uses the symmetry of ``Σ``: one GEMM less than autograd through the plain ops), and
@@ -67,6 +73,48 @@ def _update_stats(rm: Tensor, rv: Tensor, mean: Tensor, var: Tensor, momentum: f
     rv.mul_(1 - momentum).add_(var.to(rv.dtype), alpha=momentum * m / (m - 1))
 
 
+# Cancellation guard (:func:`_exposed_channels`): a channel is recomputed from its own pre-activations when
+# the rounding bound of ``wᵀ Σ w`` exceeds ``EXPOSURE * C`` times its variance (random weights on isotropic
+# tokens sit near 0.64 C); the plain-op form recomputes the ``DIRECT_VARIANCE_CHANNELS`` most exposed ones.
+EXPOSURE = 4.0
+DIRECT_VARIANCE_CHANNELS = 16
+
+
+@torch.no_grad()
+def _exposure(w1i: Tensor, cov: Tensor, var: Tensor, eps: float) -> Tensor:
+    """Per idle channel, the rounding bound of ``wᵀ Σ w``, about ``ε (Σ_k |w_k| σ_k)²``, over ``var + eps``,
+    in units of ``C``: large when ``w`` lies along the tokens' low-variance directions, where ``wᵀ Σ w`` and
+    ``Σ w`` cancel (a sum over the tokens of ``z = u_c w`` does not)."""
+    bound = (w1i.abs() @ cov.diagonal().clamp_min(0).sqrt()).square()
+    return bound / (var.clamp_min(0) + eps) / cov.shape[0]
+
+
+@torch.no_grad()
+def _recompute_exposed(uc: Tensor, w1i: Tensor, cov: Tensor, p: Tensor, var: Tensor, eps: float) -> Tensor:
+    """The eager node's guard: every channel over ``EXPOSURE`` gets its variance ``mean(z²)`` and its row of
+    ``p = W1i Σ`` (``zᵀ u_c / M``, used by the backward) from its own ``(M, k)`` pre-activations ``z``, in
+    place in ``p``; returns the variance. Costs nothing where no channel is exposed, and at most the forward
+    of materializing the idle channels."""
+    var = var.clamp_min(0)
+    idx = (_exposure(w1i, cov, var, eps) > EXPOSURE).nonzero().squeeze(1)
+    if idx.numel():
+        z = uc @ w1i[idx].t()  # (M, k)
+        var[idx] = z.square().mean(0)
+        p[idx] = (z.t() @ uc).div_(uc.shape[0])
+    return var
+
+
+@torch.no_grad()
+def _direct_variance(uc: Tensor, w1i: Tensor, cov: Tensor, var: Tensor, eps: float) -> Tensor:
+    """The plain-op form's guard, with static shapes for ``torch.compile``: the ``DIRECT_VARIANCE_CHANNELS``
+    most exposed channels get their variance from their own pre-activations (values only; the gradient
+    follows the covariance formula)."""
+    var = var.clamp_min(0)
+    idx = _exposure(w1i, cov, var, eps).topk(min(DIRECT_VARIANCE_CHANNELS, var.numel())).indices
+    direct = (uc @ w1i[idx].t()).square().mean(0)
+    return var.index_copy(0, idx, direct.to(var.dtype))
+
+
 class _CovarianceHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w1, b1, w2, b2, gamma, beta, running_mean, running_var, a: int, momentum: float, eps: float):
@@ -83,7 +131,7 @@ class _CovarianceHidden(torch.autograd.Function):
         # idle channels: their statistics from Σ, their path one C x C matrix
         cov = (uc.t() @ uc).div_(m)
         p = w1i @ cov  # (h - a, C)
-        var = (p * w1i).sum(1)
+        var = _recompute_exposed(uc, w1i, cov, p, (p * w1i).sum(1), eps)
         s = torch.rsqrt(var + eps)
         mean_i = w1i @ ubar if b1 is None else torch.addmv(b1[a:], w1i, ubar)
         _update_stats(running_mean[a:], running_var[a:], mean_i, var, momentum, m)
@@ -104,14 +152,14 @@ class _CovarianceHidden(torch.autograd.Function):
         db1a = dza.sum(0)
         dw1a = (dza.t() @ uc).addr_(db1a, ubar)
         dw1i, dw2i, dgamma_i, dcov = _idle_backward(dy.t() @ uc, db2, w1[a:], w2[:, a:], gamma[a:], beta[a:], p, s)
-        # ∂u: the active rows of fc1, the idle matrix (through u_c: its mean subtracted) and Σ (symmetric)
-        du = torch.addmm((db2 / -m) @ w_idle, dy, w_idle).addmm_(uc, dcov, alpha=2.0 / m).addmm_(dza, w1[:a])
+        du = None
+        if ctx.needs_input_grad[0]:  # the active rows of fc1, the idle matrix (through u_c) and Σ (symmetric)
+            du = torch.addmm((db2 / -m) @ w_idle, dy, w_idle).addmm_(uc, dcov, alpha=2.0 / m).addmm_(dza, w1[:a])
         dw1 = torch.cat((dw1a, dw1i))
         dw2 = torch.cat((dw2a, dw2i), 1)
         db1 = torch.cat((db1a, db1a.new_zeros(w1.shape[0] - a))) if ctx.has_b1 else None
         dgamma = torch.cat((dgamma_a, dgamma_i))
         dbeta = torch.cat((dbeta_a, w2[:, a:].t() @ db2))
-        du = du if ctx.needs_input_grad[0] else None
         return du, dw1, db1, dw2, db2 if ctx.has_b2 else None, dgamma, dbeta, None, None, None, None, None
 
 
@@ -161,9 +209,10 @@ def covariance_hidden(
 ) -> Tensor:
     """``F.linear(bn(partial_act(F.linear(u, w1, b1))), w2, b2)`` for tokens ``u`` ``(M, C)`` in training
     mode, the idle channels through the covariance of ``u`` (module docstring); updates ``bn``'s running
-    statistics and ``num_batches_tracked`` as BatchNorm does. One autograd node in eager mode with exact GELU
-    (:class:`_CovarianceHidden`), plain ops otherwise (:func:`covariance_hidden_ops`)."""
-    if fused_hidden_applies(u, bn, act):
+    statistics and ``num_batches_tracked`` as BatchNorm does. One autograd node in eager float32/float64 with
+    exact GELU (:class:`_CovarianceHidden`), plain ops otherwise (:func:`covariance_hidden_ops`; half-precision
+    weights and autocast keep the covariance in float32 there: in half precision ``u_cᵀ u_c`` overflows)."""
+    if u.dtype in (torch.float32, torch.float64) and fused_hidden_applies(u, bn, act):
         momentum = _advance(bn)
         return _CovarianceHidden.apply(
             u, w1, b1, w2, b2, bn.weight, bn.bias, bn.running_mean, bn.running_var, a, momentum, bn.eps
@@ -191,6 +240,7 @@ def covariance_hidden_ops(
         ucw, w1i, w2i = uc.to(wide), w1[a:].to(wide), w2[:, a:].to(wide)
         cov = ucw.t() @ ucw / m
         var = ((w1i @ cov) * w1i).sum(1)
+        var = var + (_direct_variance(ucw, w1i, cov, var, bn.eps) - var).detach()  # values, not gradients
         with torch.no_grad():
             var_a, mean_a = torch.var_mean(ga.detach().to(wide), 0, correction=0)
             _update_stats(bn.running_mean[:a], bn.running_var[:a], mean_a, var_a, momentum, m)
