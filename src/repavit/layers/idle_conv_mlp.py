@@ -120,7 +120,7 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
         ``ChannelIdleMlp`` (``"explicit"`` is ``"split"`` here)."""
         if self.hidden_path not in HIDDEN_PATHS:
             raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {self.hidden_path!r}")
-        if self.hidden_path in ("auto", "covariance") and not is_fx_symbolic_tracing():
+        if self.hidden_path in ("auto", "covariance") and self.norm2.training and not is_fx_symbolic_tracing():
             b, c, h, w = u.shape
             t = u.permute(0, 2, 3, 1).reshape(-1, c)
             if covariance_applies(self.norm2, t, self.hidden_dim, self.act_dim, self.hidden_path == "covariance"):
