@@ -323,13 +323,17 @@ def test_conv_mlp_covariance_path_equals_split_graph(dtype, tol, channels_last):
 
 
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
-@pytest.mark.parametrize("rows", ["random", "aligned", "subspace"])
-def test_covariance_path_in_float32_is_as_accurate_as_the_plain_graph(cond, rows):
+@pytest.mark.parametrize("rows", ["random", "aligned", "subspace", "subspace16-static"])
+def test_covariance_path_in_float32_is_as_accurate_as_the_plain_graph(cond, rows, monkeypatch):
     """Against float64, on tokens with a large mean and a covariance of condition number ``cond``: the
     float32 covariance path errs no more than the float32 straightforward graph (within 2x), outputs and
     gradients, although its variance is ``wᵀ Σ w`` instead of a sum over the tokens. Idle rows of fc1:
     ``random``; ``aligned``, 8 of them along the smallest eigenvectors; ``subspace``, all of them in the
-    8 smallest eigenvectors' span. There ``wᵀ Σ w`` and ``Σ w`` alone cancel badly (the guard's case)."""
+    8 smallest eigenvectors' span. There ``wᵀ Σ w`` and ``Σ w`` alone cancel badly (the guard's case).
+    ``subspace16-static``: 16 of them in that span, and the guard as on an accelerator (the 16 most
+    exposed channels, no ``nonzero``)."""
+    if rows.endswith("-static"):
+        monkeypatch.setattr("repavit.layers.idle_covariance.DYNAMIC_GUARD_DEVICES", set())
     torch.manual_seed(0)
     c = 64
     base = ChannelIdleMlp(c, 4 * c).double().train()
@@ -340,8 +344,9 @@ def test_covariance_path_in_float32_is_as_accurate_as_the_plain_graph(cond, rows
     with torch.no_grad():
         if rows == "aligned":
             base.fc1.weight[a : a + 8] = low
-        elif rows == "subspace":
-            base.fc1.weight[a:] = torch.randn(4 * c - a, 8, dtype=torch.float64) @ low
+        elif rows.startswith("subspace"):
+            n, scale = (16, 30.0) if rows.startswith("subspace16") else (4 * c - a, 1.0)
+            base.fc1.weight[a : a + n] = scale * torch.randn(n, 8, dtype=torch.float64) @ low
     x = (torch.randn(4, 512, c, dtype=torch.float64) * ev.sqrt()) @ q.t() + 3
     out = {}
     for dtype, path in ((torch.float64, "split"), (torch.float32, "split"), (torch.float32, "covariance")):

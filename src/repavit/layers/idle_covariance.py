@@ -25,9 +25,10 @@ where it does fewer multiply-adds: ``M > 5 k C / (6 k - 5)`` tokens, about ``1.2
 Numerics: ``var`` is ``wᵀ Σ w`` instead of a sum over the tokens of ``z_i``, with ``Σ`` from centered tokens.
 Rounding in ``Σ`` can cancel badly in ``wᵀ Σ w`` and ``Σ w`` for a channel whose weights lie along the
 tokens' low-variance directions. A bound computed every step finds such channels, and the eager node
-recomputes every one of them from its own pre-activations (:func:`_recompute_exposed`). The plain-op form
-(``torch.compile``, autocast) needs static shapes, so it recomputes only the variance of the 16 most exposed
-ones (:func:`_direct_variance`). ``tests/test_layers.py`` checks float64 gradients with ``gradcheck``, and
+recomputes every one of them from its own pre-activations on the CPU, and the 16 most exposed on an
+accelerator, where choosing by value would wait for the device (:func:`_recompute_exposed`). The plain-op
+form (``torch.compile``, autocast) needs static shapes, so it recomputes only the variance of the 16 most
+exposed ones (:func:`_direct_variance`). ``tests/test_layers.py`` checks float64 gradients with ``gradcheck``, and
 float64 and float32 against the split graph. It also checks float32 against float64 on tokens with a mean of
 3 and a covariance of condition number up to 1e6, with fc1 rows that are random, along the smallest
 eigenvectors, or all idle rows in a low-variance subspace: the eager node errs no more than the float32
@@ -89,14 +90,24 @@ def _exposure(w1i: Tensor, cov: Tensor, var: Tensor, eps: float) -> Tensor:
     return bound / (var.clamp_min(0) + eps) / cov.shape[0]
 
 
+# Devices where the eager node's guard may pick its channels by value (``nonzero``): on an accelerator that
+# would wait for the device in every FFN, so there it takes the ``DIRECT_VARIANCE_CHANNELS`` most exposed.
+DYNAMIC_GUARD_DEVICES = {"cpu"}
+
+
 @torch.no_grad()
 def _recompute_exposed(uc: Tensor, w1i: Tensor, cov: Tensor, p: Tensor, var: Tensor, eps: float) -> Tensor:
-    """The eager node's guard: every channel over ``EXPOSURE`` gets its variance ``mean(z²)`` and its row of
-    ``p = W1i Σ`` (``zᵀ u_c / M``, used by the backward) from its own ``(M, k)`` pre-activations ``z``, in
-    place in ``p``; returns the variance. Costs nothing where no channel is exposed, and at most the forward
-    of materializing the idle channels."""
+    """The eager node's guard: on the CPU every channel over ``EXPOSURE``, elsewhere the
+    ``DIRECT_VARIANCE_CHANNELS`` most exposed, gets its variance ``mean(z²)`` and its row of ``p = W1i Σ``
+    (``zᵀ u_c / M``, used by the backward) from its own ``(M, k)`` pre-activations ``z``, in place in ``p``;
+    returns the variance. On the CPU it costs nothing where no channel is exposed, and at most the forward of
+    materializing the idle channels."""
     var = var.clamp_min(0)
-    idx = (_exposure(w1i, cov, var, eps) > EXPOSURE).nonzero().squeeze(1)
+    exposure = _exposure(w1i, cov, var, eps)
+    if uc.device.type in DYNAMIC_GUARD_DEVICES:
+        idx = (exposure > EXPOSURE).nonzero().squeeze(1)
+    else:
+        idx = exposure.topk(min(DIRECT_VARIANCE_CHANNELS, var.numel())).indices
     if idx.numel():
         z = uc @ w1i[idx].t()  # (M, k)
         var[idx] = z.square().mean(0)
