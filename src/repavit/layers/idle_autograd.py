@@ -38,22 +38,30 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-__all__ = ["fused_hidden_applies", "hidden_layer"]
+__all__ = ["batch_statistics_apply", "fused_hidden_applies", "hidden_layer"]
+
+
+def batch_statistics_apply(u: Tensor, bn: nn.Module) -> bool:
+    """Whether ``bn`` normalizes tokens ``u`` ``(M, C)`` by their batch statistics and updates its running ones:
+    a plain BatchNorm in training mode with affine parameters and running statistics, more than one token."""
+    return (
+        type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d)  # on tokens (M, C) either is one statistic per channel
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and u.dim() == 2
+        and u.shape[0] > 1
+    )
 
 
 def fused_hidden_applies(u: Tensor, bn: nn.Module, act: nn.Module) -> bool:
     """Whether :func:`hidden_layer` computes exactly what the plain ops would (module docstring)."""
     return (
         not is_fx_symbolic_tracing()
-        and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d)  # on tokens (M, C) either is one statistic per channel
-        and bn.training
-        and bn.affine
-        and bn.track_running_stats
-        and bn.running_mean is not None
+        and batch_statistics_apply(u, bn)
         and type(act) is nn.GELU
         and act.approximate == "none"
-        and u.dim() == 2
-        and u.shape[0] > 1
         and not torch.is_autocast_enabled(u.device.type)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting()

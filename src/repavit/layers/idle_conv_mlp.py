@@ -23,15 +23,15 @@ from timm.layers import DropPath, LayerNorm2d
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from ..errors import ArgumentError, UserError
+from ..errors import UserError
 from .fold import BNStats, FoldedIdleFFN, fold_idle_ffn
 from .idle_covariance import covariance_applies, covariance_hidden
 from .idle_mlp import (
-    HIDDEN_PATHS,
     PartialActivation,
     active_channels,
     channel_group_batch_norm,
     check_feature_norm,
+    check_hidden_path,
     check_idle_ratio,
     layernorm_fold_error,
 )
@@ -118,9 +118,11 @@ class ChannelIdleConvMlp(PartialActivation, nn.Module):
         the covariance of the pixels (``repavit.layers.idle_covariance``; ``u`` seen as ``(B*H*W, C)``
         tokens, a view when it is channels-last); else :meth:`_split_hidden`. ``hidden_path`` as in
         ``ChannelIdleMlp`` (``"explicit"`` is ``"split"`` here)."""
-        if self.hidden_path not in HIDDEN_PATHS:
-            raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {self.hidden_path!r}")
-        if self.hidden_path in ("auto", "covariance") and self.norm2.training and not is_fx_symbolic_tracing():
+        if (
+            check_hidden_path(self.hidden_path) in ("auto", "covariance")
+            and self.norm2.training
+            and not is_fx_symbolic_tracing()
+        ):
             b, c, h, w = u.shape
             t = u.permute(0, 2, 3, 1).reshape(-1, c)
             if covariance_applies(self.norm2, t, self.hidden_dim, self.act_dim, self.hidden_path == "covariance"):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .idle_autograd import fused_hidden_applies
+from .idle_autograd import batch_statistics_apply, fused_hidden_applies
 
 __all__ = ["covariance_applies", "covariance_hidden", "covariance_hidden_ops", "covariance_pays"]
 
@@ -203,16 +203,7 @@ def covariance_applies(bn: nn.Module, u: Tensor, hidden: int, active: int, force
     """Whether the covariance path computes what ``bn`` would on tokens ``u`` ``(M, C)`` (a plain BatchNorm in
     training mode with affine parameters and running statistics, more than one token), and pays (or is
     ``forced``)."""
-    trains = (
-        type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d)
-        and bn.training
-        and bn.affine
-        and bn.track_running_stats
-        and bn.running_mean is not None
-    )
-    if not (trains and u.dim() == 2 and u.shape[0] > 1):
-        return False
-    return forced or covariance_pays(u.shape[0], u.shape[1], hidden, active)
+    return batch_statistics_apply(u, bn) and (forced or covariance_pays(u.shape[0], u.shape[1], hidden, active))
 
 
 def covariance_hidden(

@@ -78,6 +78,13 @@ def check_idle_ratio(idle_ratio: float) -> float:
     return float(idle_ratio)
 
 
+def check_hidden_path(path: str) -> str:
+    """``path`` if it is one of ``HIDDEN_PATHS`` (a channel-idle FFN's ``hidden_path``), else an ArgumentError."""
+    if path not in HIDDEN_PATHS:
+        raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {path!r}")
+    return path
+
+
 def check_feature_norm(feature_norm: str) -> str:
     if feature_norm not in FEATURE_NORMS:
         raise UserError(f"unknown feature_norm {feature_norm!r}; expected one of {', '.join(FEATURE_NORMS)}")
@@ -235,8 +242,7 @@ class ChannelIdleMlp(PartialActivation, nn.Module):
         ``covariance`` needs a plain BatchNorm1d in training mode with affine parameters and running statistics
         and more than one token; ``explicit`` also exact GELU in eager mode (no autocast, no ``torch.compile``).
         FX symbolic tracing always gets ``split`` (its graph cannot depend on the batch size)."""
-        if self.hidden_path not in HIDDEN_PATHS:
-            raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {self.hidden_path!r}")
+        check_hidden_path(self.hidden_path)
         if not self._split_norm2():
             return "plain"
         if self.hidden_path == "split" or is_fx_symbolic_tracing():
@@ -474,8 +480,7 @@ def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def set_hidden_path(model: nn.Module, path: str) -> int:
     """Set ``hidden_path`` (``HIDDEN_PATHS``) on every channel-idle FFN in ``model``; returns how many."""
-    if path not in HIDDEN_PATHS:
-        raise ArgumentError(f"hidden_path must be one of {', '.join(HIDDEN_PATHS)}, got {path!r}")
+    check_hidden_path(path)
     n = 0
     for m in model.modules():
         if isinstance(getattr(type(m), "hidden_path", None), str):
